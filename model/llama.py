@@ -1,0 +1,172 @@
+"""A LLaMA decoder written out plainly: RMSNorm, rotary embeddings, grouped-query attention,
+SwiGLU, blocks, model.
+
+Module and parameter names follow Hugging Face's `LlamaForCausalLM` without the `model.`
+prefix (`layers.0.self_attn.q_proj.weight`), so checkpoints and PEFT adapters map by name.
+Rotary embeddings use HF's half-split convention; Meta and GGUF checkpoints are permuted into
+it when loaded (see `model/formats/`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model.config import LlamaConfig
+from model.lora import LoRAConfig, make_linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Statistics in fp32 whatever the compute dtype: bf16 sums of squares lose digits.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta ** exponent)  # (head_dim/2,)
+
+
+def precompute_rope(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """cos/sin tables for integer positions (B, T) -> two (B, 1, T, head_dim) tensors."""
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2), fp32
+    emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: dims i and i+hd/2 pair up
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, n_heads, T, head_dim); rotate each (x_i, x_{i+hd/2}) pair by its angle.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv_heads, T, hd) -> (B, n_kv_heads * n_rep, T, hd) for grouped-query attention."""
+    if n_rep == 1:
+        return x
+    B, H, T, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, lora: LoRAConfig | None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = make_linear(cfg.dim, q_out, "q", lora)
+        self.k_proj = make_linear(cfg.dim, kv_out, "k", lora)
+        self.v_proj = make_linear(cfg.dim, kv_out, "v", lora)
+        self.o_proj = make_linear(q_out, cfg.dim, "o", lora)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        if mask is None:  # no padding: the causal flag lets SDPA pick flash attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig, lora: LoRAConfig | None):
+        super().__init__()
+        self.gate_proj = make_linear(cfg.dim, cfg.hidden_dim, "gate", lora)
+        self.up_proj = make_linear(cfg.dim, cfg.hidden_dim, "up", lora)
+        self.down_proj = make_linear(cfg.hidden_dim, cfg.dim, "down", lora)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, lora: LoRAConfig | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, lora)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg, lora)
+
+    def forward(self, x, cos, sin, mask):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def build_attention_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a (B, T) 1/0 padding mask, the positions (B, T) and the SDPA mask (B, 1, T, T).
+
+    Positions count real tokens only, so a left-padded row gets the rotary angles it would get
+    alone. Every query may also see itself: a padding query would otherwise attend to nothing
+    and turn into NaN (its output is never used, but NaN would leak into gradients).
+    """
+    valid = attention_mask.bool()
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    mask = causal & (valid[:, None, :] | eye)  # (B, T_q, T_k)
+    return positions, mask[:, None]
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig, lora: LoRAConfig | None = None):
+        super().__init__()
+        self.cfg, self.lora_cfg = cfg, lora
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, lora) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Gradient checkpointing: recompute every k-th block in backward (0 = off, 1 = all).
+        self.checkpoint_every = 0
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Final-norm hidden states (B, T, dim): what the LM head (or a chunked loss) reads."""
+        B, T = input_ids.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed_tokens(input_ids)  # (B, T, dim)
+        if attention_mask is None:
+            positions, mask = torch.arange(T, device=x.device).expand(B, T), None
+        else:
+            positions, mask = build_attention_mask(attention_mask)
+        cos, sin = precompute_rope(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            cos = cos.to(torch.get_autocast_dtype(x.device.type))
+            sin = sin.to(torch.get_autocast_dtype(x.device.type))
+        k = self.checkpoint_every
+        for i, layer in enumerate(self.layers):
+            if k and torch.is_grad_enabled() and i % k == 0:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, logits_at: torch.Tensor | None = None):
+        """Logits (B, T, vocab), or (B, P, vocab) at the positions `logits_at` (B, P) only.
+
+        Evaluation needs one position per row; a full-vocabulary row per token is the largest
+        activation of the model, so never compute rows nobody reads.
+        """
+        h = self.hidden_states(input_ids, attention_mask)
+        if logits_at is not None:
+            h = torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        return self.lm_head(h)

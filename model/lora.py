@@ -1,0 +1,147 @@
+"""LoRA written out: y = x Wᵀ + s·(drop(x) Aᵀ) Bᵀ with W frozen, s = alpha / r.
+
+Hu et al. 2021. `LoRALinear` keeps `nn.Linear`'s `weight` key, so a base checkpoint loads into
+a LoRA model unchanged; the adapter is only `lora_a` (r × in) and `lora_b` (out × r).
+On CUDA the layer runs the fused Triton kernel (`kernels/lora.py`); elsewhere the same maths
+in plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Our short target names -> the module names HF/PEFT use.
+TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+           "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+class LoRAError(ValueError):
+    pass
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    use_kernel: bool = True  # fused Triton path on CUDA tensors
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise LoRAError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise LoRAError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        # Accept PEFT's names too ("q_proj") and normalise to ours.
+        to_short = {v: k for k, v in TARGETS.items()}
+        targets = [to_short.get(t, t) for t in self.targets]
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown or not targets:
+            raise LoRAError(f"unknown LoRA target modules {unknown or targets}; "
+                            f"choose among {', '.join(TARGETS)}")
+        self.targets = sorted(set(targets), key=list(TARGETS).index)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
+                 dropout: float, use_kernel: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.scale, self.dropout, self.use_kernel = r, alpha / r, dropout, use_kernel
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.lora_a = nn.Parameter(torch.empty(r, in_features))
+        self.lora_b = nn.Parameter(torch.empty(out_features, r))
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self, device=None):
+        """Kaiming-uniform(√5) A and zero B, as PEFT: the adapter starts as the identity."""
+        if device is not None or self.lora_a.is_meta:
+            device = device or torch.device("cpu")
+            self.lora_a = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
+            self.lora_b = nn.Parameter(torch.empty(self.out_features, self.r, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x):
+        if self.merged:
+            return F.linear(x, self.weight)
+        p = self.dropout if self.training else 0.0
+        if self.use_kernel and x.is_cuda:
+            from kernels.lora import lora_linear
+
+            return lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scale, p)
+        return lora_reference(x, self.weight, self.lora_a, self.lora_b, self.scale, p)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_b.float() @ self.lora_a.float())  # (out, in), fp32
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
+                f"scale={self.scale:g}, dropout={self.dropout:g}")
+
+
+def lora_reference(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0):
+    """Plain-torch LoRA linear: the CPU path and the kernels' reference."""
+    xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    return F.linear(x, weight) + scale * F.linear(F.linear(xd, lora_a), lora_b)
+
+
+def make_linear(in_features: int, out_features: int, name: str, lora: LoRAConfig | None):
+    if lora is not None and name in lora.targets:
+        return LoRALinear(in_features, out_features, lora.r, lora.alpha, lora.dropout,
+                          lora.use_kernel)
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_trainable(model: nn.Module) -> int:
+    """Freeze everything but the adapters; returns the trainable parameter count."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("lora_a", "lora_b")))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter alone, in our key names (`layers.0.self_attn.q_proj.lora_a`)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_a", "lora_b"))}
+
+
+def merge_lora(model: nn.Module):
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module):
+    for m in lora_modules(model).values():
+        m.unmerge()
