@@ -30,7 +30,8 @@ def test_template_equals_alpaca_lora_json(data_root):
 
 def test_format_prompt_picks_template_on_input():
     with_input = format_prompt("Do X.", "some input")
-    assert with_input.endswith("### Instruction:\nDo X.\n\n### Input:\nsome input\n\n### Response:\n")
+    tail = "### Instruction:\nDo X.\n\n### Input:\nsome input\n\n### Response:\n"
+    assert with_input.endswith(tail)
     assert with_input.startswith("Below is an instruction that describes a task, paired with")
     no_input = format_prompt("Do X.", "")
     assert no_input.endswith("### Instruction:\nDo X.\n\n### Response:\n")
