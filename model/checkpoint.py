@@ -133,7 +133,8 @@ def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32
                                   f"folder; or a .gguf file)")
         if path.is_file() and path.suffix == ".gguf":
             cfg, fields, tensors = read_gguf(path)
-            tok = BPETokenizer.from_gguf_fields(fields, str(path))
+            if tokenizer is None and "tokenizer.ggml.model" in fields:
+                tok = BPETokenizer.from_gguf_fields(fields, str(path))
         elif path.is_dir() and (path / "config.json").is_file():
             cfg, tensors = read_hf(path)
             tok = _tokenizer_near(path)
