@@ -1,0 +1,163 @@
+"""Build TALLRec-format train/valid/test.json from raw data.
+
+    python -m data.prepare movielens [--raw-dir DIR_OR_ZIP] --out DIR
+    python -m data.prepare bookcrossing --raw-dir DIR --out DIR
+    python -m data.prepare toy --out DIR
+
+Without --raw-dir, movielens uses ml-100k.zip from the cache, downloading it from GroupLens
+(md5-checked) when missing; offline, it says what to download and where to put it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from data.bookcrossing import BookCrossingConfig, build_bookcrossing
+from data.movielens import MovieLensConfig, build_movielens
+from data.paths import cache_dir
+from data.records import write_records
+from data.toy import ToyConfig, toy_records
+
+ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+ML100K_MD5 = "0e33842e24a9c977be4e0107933c0723"
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_movielens(
+    dest_dir: Path | None = None, url: str | None = None, md5: str | None = None,
+    timeout: float = 30,
+) -> Path:
+    """Path of a checksum-verified ml-100k.zip in dest_dir (default: the cache)."""
+    url, md5 = url or ML100K_URL, md5 or ML100K_MD5
+    dest_dir = Path(dest_dir) if dest_dir is not None else cache_dir()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / "ml-100k.zip"
+    if target.is_file():
+        got = md5sum(target)
+        if got != md5:
+            raise FetchError(f"{target} has md5 {got}, expected {md5}: delete it and retry")
+        return target
+    part = target.with_suffix(".zip.part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
+            shutil.copyfileobj(resp, f)
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        raise FetchError(
+            f"could not download {url} ({e}).\n"
+            f"Download it by hand and put it at {target}\n"
+            f"(or pass --raw-dir pointing at the zip or its unpacked ml-100k/ folder); "
+            f"expected md5 {md5}."
+        ) from None
+    got = md5sum(part)
+    if got != md5:
+        part.unlink()
+        raise FetchError(f"downloaded {url} has md5 {got}, expected {md5}; not kept")
+    part.rename(target)
+    return target
+
+
+def _write_splits(out: Path, splits: dict[str, list[dict]]) -> None:
+    for name, records in splits.items():
+        write_records(out / f"{name}.json", records)
+        print(f"wrote {out / f'{name}.json'}: {len(records)} rows, "
+              f"{sum(r['output'] == 'Yes.' for r in records)} Yes.")
+
+
+def cmd_movielens(args: argparse.Namespace) -> int:
+    try:
+        source = Path(args.raw_dir) if args.raw_dir else fetch_movielens()
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = MovieLensConfig(
+        history_len=args.history_len,
+        max_windows=args.max_windows or None,
+        like_threshold=args.like_threshold,
+    )
+    splits = build_movielens(source, cfg)
+    _write_splits(Path(args.out), {k: [s.to_record() for s in v] for k, v in splits.items()})
+    return 0
+
+
+def cmd_bookcrossing(args: argparse.Namespace) -> int:
+    cfg = BookCrossingConfig(
+        seed=args.seed,
+        min_ratings=args.min_ratings,
+        history_len=args.history_len,
+        like_threshold=args.like_threshold,
+        explicit_only=args.explicit_only,
+    )
+    splits, report = build_bookcrossing(args.raw_dir, cfg)
+    print(report.summary())
+    _write_splits(Path(args.out), {k: [s.to_record() for s in v] for k, v in splits.items()})
+    return 0
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    cfg = ToyConfig(seed=args.seed)
+    print("toy: SYNTHETIC data, not a benchmark")
+    _write_splits(Path(args.out), {s: toy_records(s, cfg) for s in ("train", "valid", "test")})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="dataset", required=True)
+
+    ml = sub.add_parser("movielens", help="MovieLens-100K, as TALLRec's preprocess_movie.py")
+    ml.add_argument("--raw-dir", help="ml-100k folder or ml-100k.zip (default: download)")
+    ml.add_argument("--out", required=True, help="folder for train/valid/test.json")
+    ml.add_argument("--history-len", type=int, default=10, help="history items per window")
+    ml.add_argument("--max-windows", type=int, default=10_000,
+                    help="keep the last N windows (0: all)")
+    ml.add_argument("--like-threshold", type=int, default=3, help="label = rating > this")
+    ml.set_defaults(func=cmd_movielens)
+
+    bx = sub.add_parser("bookcrossing", help="BookCrossing, as TALLRec's preprocess_book.py")
+    bx.add_argument("--raw-dir", required=True,
+                    help="folder with BX-Book-Ratings.csv and BX-Books.csv")
+    bx.add_argument("--out", required=True, help="folder for train/valid/test.json")
+    bx.add_argument("--seed", type=int, default=0, help="user split and sampling seed")
+    bx.add_argument("--min-ratings", type=int, default=4, help="keep users with >= N ratings")
+    bx.add_argument("--history-len", type=int, default=10, help="history items per user")
+    bx.add_argument("--like-threshold", type=int, default=5, help="label = rating > this")
+    bx.add_argument("--explicit-only", action="store_true",
+                    help="drop implicit (0) ratings (TALLRec keeps them as No.)")
+    bx.set_defaults(func=cmd_bookcrossing)
+
+    toy = sub.add_parser("toy", help="the synthetic toy domain (not real data)")
+    toy.add_argument("--out", required=True, help="folder for train/valid/test.json")
+    toy.add_argument("--seed", type=int, default=0, help="generator seed")
+    toy.set_defaults(func=cmd_toy)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
