@@ -2,8 +2,12 @@
 
 Hu et al. 2021. `LoRALinear` keeps `nn.Linear`'s `weight` key, so a base checkpoint loads into
 a LoRA model unchanged; the adapter is only `lora_a` (r × in) and `lora_b` (out × r).
-On CUDA the layer runs the fused Triton kernel (`kernels/lora.py`); elsewhere the same maths
-in plain torch.
+Two paths, one contract (`kernels/lora.py`'s): the fused Triton kernel and plain torch. Both
+draw the dropout mask the same way (a torch bool mask of x's shape, `make_dropout_mask`), so
+from the same RNG state they drop the same elements and "kernels on vs off" can be compared with
+dropout on. `LoRAConfig.kernel` picks the path: "auto" runs the kernel on CUDA tensors where
+`fused_is_faster` says so, "force" runs it on every call (on CPU through TRITON_INTERPRET=1:
+tests), "off" never.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 # Our short target names -> the module names HF/PEFT use.
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
            "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+KERNEL_MODES = ("auto", "force", "off")
 
 
 class LoRAError(ValueError):
@@ -30,15 +35,17 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
-    use_kernel: bool = True  # fused Triton path on CUDA tensors
+    kernel: str = "auto"  # fused Triton path: "auto" (CUDA), "force" (always), "off" (never)
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r <= 0:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise LoRAError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if self.alpha <= 0:
             raise LoRAError(f"LoRA alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.kernel not in KERNEL_MODES:
+            raise LoRAError(f"LoRA kernel mode must be one of {KERNEL_MODES}, got {self.kernel!r}")
         # Accept PEFT's names too ("q_proj") and normalise to ours.
         to_short = {v: k for k, v in TARGETS.items()}
         targets = [to_short.get(t, t) for t in self.targets]
@@ -58,11 +65,13 @@ class LoRAConfig:
 
 class LoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
-                 dropout: float, use_kernel: bool = True):
+                 dropout: float, kernel: str = "auto"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.scale, self.dropout, self.use_kernel = r, alpha / r, dropout, use_kernel
+        self.r, self.scale, self.dropout, self.kernel = r, alpha / r, dropout, kernel
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        # nn.Linear's init: checkpoints overwrite it, but `random:<preset>` bases keep it.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.lora_a = nn.Parameter(torch.empty(r, in_features))
         self.lora_b = nn.Parameter(torch.empty(out_features, r))
         self.merged = False
@@ -79,13 +88,26 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         if self.merged:
+            if self.training and self.lora_a.requires_grad and torch.is_grad_enabled():
+                # The merged weight is frozen: the adapter would silently get no gradient.
+                raise LoRAError("training through a merged LoRA layer; call unmerge_lora first")
             return F.linear(x, self.weight)
         p = self.dropout if self.training else 0.0
-        if self.use_kernel and x.is_cuda:
+        if self.use_fused(x):
+            # Imported here: Triton is only needed where the kernel runs.
             from kernels.lora import lora_linear
 
             return lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scale, p)
         return lora_reference(x, self.weight, self.lora_a, self.lora_b, self.scale, p)
+
+    def use_fused(self, x: torch.Tensor) -> bool:
+        if self.kernel == "off" or (self.kernel == "auto" and not x.is_cuda):
+            return False
+        if self.kernel == "force":  # the kernel itself says why if it cannot run on x
+            return True
+        from kernels.lora import fused_is_faster
+
+        return fused_is_faster(x.numel() // self.in_features, self.r)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -105,20 +127,40 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
-                f"scale={self.scale:g}, dropout={self.dropout:g}")
+                f"scale={self.scale:g}, dropout={self.dropout:g}, kernel={self.kernel}")
 
 
 def lora_reference(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0):
-    """Plain-torch LoRA linear: the CPU path and the kernels' reference."""
-    xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    return F.linear(x, weight) + scale * F.linear(F.linear(xd, lora_a), lora_b)
+    """Plain-torch LoRA linear, the same maths as `kernels.lora.lora_linear_reference` (kept
+    here so the CPU path needs no Triton; tests/test_lora.py checks they agree bit for bit).
+
+    The mask is drawn exactly as `kernels.lora.make_dropout_mask` draws it (one bool
+    bernoulli_ over x's shape), not with F.dropout, whose RNG use differs: from the same seed
+    both paths then drop the same elements. The adapters run in the compute dtype, as autocast
+    would (fp32 adapters on a bf16 model)."""
+    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    xd = x
+    if dropout_p > 0:
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
+        xd = x * keep * (1.0 / (1.0 - dropout_p))
+    return F.linear(x, weight) + scale * F.linear(F.linear(xd, a), b)
 
 
 def make_linear(in_features: int, out_features: int, name: str, lora: LoRAConfig | None):
     if lora is not None and name in lora.targets:
         return LoRALinear(in_features, out_features, lora.r, lora.alpha, lora.dropout,
-                          lora.use_kernel)
+                          lora.kernel)
     return nn.Linear(in_features, out_features, bias=False)
+
+
+def set_kernel(model: nn.Module, mode: str):
+    """Switch every LoRA layer of a built model to kernel mode "auto", "force" or "off"."""
+    if mode not in KERNEL_MODES:
+        raise LoRAError(f"LoRA kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    for m in lora_modules(model).values():
+        m.kernel = mode
+    if getattr(model, "lora_cfg", None) is not None:
+        model.lora_cfg.kernel = mode
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -130,6 +172,15 @@ def mark_only_lora_trainable(model: nn.Module) -> int:
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith(("lora_a", "lora_b")))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """PEFT's `print_trainable_parameters` line (tied embeddings counted once)."""
+    params = list(model.parameters())  # parameters() yields a shared tensor once
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return (f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
