@@ -71,7 +71,11 @@ MAX_FUSED_RANK = 128
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr, FP64: tl.constexpr):
+    if FP64:
+        # fp64 (used by gradcheck only) multiplies and reduces without tl.dot: Triton 3.7's fp64
+        # MMA asserts ("fp64 don't support largeK MMA") when an operand comes from registers.
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     # The interpreter's bf16 tl.dot multiplies raw bit patterns (Triton #11584): there 16-bit
     # tiles go through fp32, which holds their products exactly.
     if UPCAST:
@@ -129,7 +133,7 @@ def _lora_down_kernel(
         # A tile read transposed, (BLOCK_K, BLOCK_R), rounded to the compute dtype.
         a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + k[:, None] * stride_ak,
                       mask=r_ok[None, :] & (k < K)[:, None], other=0.0)
-        acc = _dot(x, _round(a_t, x_ptr.dtype.element_ty, ROUND_BF16), acc, UPCAST, IEEE)
+        acc = _dot(x, _round(a_t, x_ptr.dtype.element_ty, ROUND_BF16), acc, UPCAST, IEEE, ACC_FP64)
     acc = acc * scale
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
              mask=m_ok[:, None] & r_ok[None, :])
@@ -173,7 +177,7 @@ def _matmul_lowrank(
                     mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
         b = tl.load(b_ptr + k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=(k < K)[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, UPCAST, IEEE)
+        acc = _dot(a, b, acc, UPCAST, IEEE, ACC_FP64)
 
     # Epilogue: the rank-R term, reduced over BLOCK_R (≥ 16, the smallest tl.dot) in one dot.
     r_ok = offs_r < R
@@ -185,12 +189,12 @@ def _matmul_lowrank(
     out_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_MASK:
         lora = tl.zeros_like(acc)
-        lora = _dot(_round(low, cdt, ROUND_BF16), up, lora, UPCAST, IEEE)
+        lora = _dot(_round(low, cdt, ROUND_BF16), up, lora, UPCAST, IEEE, ACC_FP64)
         keep = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                        mask=out_ok, other=0)
         acc += tl.where(keep != 0, lora * scale, tl.zeros_like(lora))
     else:
-        acc = _dot(_round(low * scale, cdt, ROUND_BF16), up, acc, UPCAST, IEEE)
+        acc = _dot(_round(low * scale, cdt, ROUND_BF16), up, acc, UPCAST, IEEE, ACC_FP64)
     # Rounded to nearest here, the interpreter's truncating store of a bf16 value is exact.
     out = _round(acc, out_ptr.dtype.element_ty, ROUND_BF16)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
