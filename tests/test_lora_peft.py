@@ -315,3 +315,28 @@ def test_merged_model_refuses_load(adapter):
     model = tiny_model()
     merge_lora(model)
     assert_refused(model, adapter, "merged; unmerge first")
+
+
+
+def test_export_merged_with_bpe_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from model.llama import Llama
+    from model.tokenizer import BPETokenizer
+
+    # A small byte-level BPE with special tokens, as SmolLM2's (whose GGUF takes seconds to read).
+    hf_tok = Tokenizer(models.BPE())
+    hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tok.decoder = decoders.ByteLevel()
+    corpus = ['Whether the user will like "Heat (1995)"?', "Yes", "No", "User Preference:"] * 5
+    hf_tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = BPETokenizer(hf_tok, "tiny-bpe", bos_id=1, eos_id=2, pad_id=0)
+    cfg = LlamaConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=tok.vocab_size,
+                      max_seq_len=32, tie_embeddings=True)
+    out = export_merged(Llama(cfg, QV), tmp_path / "merged", tokenizer=tok)
+    _, tok2 = load_base(out)
+    text = '<|im_start|>user\nWhether the user will like "Heat (1995)"?<|im_end|>\nYes'
+    assert tok2.encode(text) == tok.encode(text) and tok.encode(text)[0] == 1
+    assert (tok2.bos_id, tok2.eos_id, tok2.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
