@@ -45,7 +45,7 @@ floating dtype that may differ (fp32 adapters with bf16 activations, as under au
 kernels round them to the compute dtype, as autocast would. Every product accumulates in fp32
 (fp64 for fp64) and fp32 products are IEEE, not TF32; xa and g stay fp32 and are rounded to the
 compute dtype only as operands of the next product. y and ∂L/∂x have x's dtype, ∂L/∂A has A's
-dtype, ∂L/∂B has B's dtype.
+dtype, ∂L/∂B has B's dtype. fp64 (meant for gradcheck) runs on CUDA cores without tl.dot.
 
 Sources: Hu et al. 2021 (LoRA); Triton tutorial 03 (tiled matmul, grouped program order, masked
 loads); Liger-Kernel ops/ (kernel → launcher → autograd.Function layout); unsloth
