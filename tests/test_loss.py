@@ -50,7 +50,7 @@ def test_matches_full_logits_cross_entropy(model, chunk):
     assert n == int((labels[:, 1:] != -100).sum())
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 

@@ -181,8 +181,8 @@ def test_checkpointing_gives_bit_identical_gradients(dropout):
     assert all(g.abs().sum() > 0 for g in ref)
     for ckpt in (1, 2, 3):
         got = _grads(model, ids, mask, ckpt, seed=7)
-        for a, b in zip(ref, got):
+        for a, b in zip(ref, got, strict=True):
             assert torch.equal(a, b), f"checkpoint_every={ckpt}: {(a - b).abs().max()}"
     if dropout:  # the masks really differ between seeds, so the equality above means something
         other = _grads(model, ids, mask, 0, seed=8)
-        assert not all(torch.equal(a, b) for a, b in zip(ref, other))
+        assert not all(torch.equal(a, b) for a, b in zip(ref, other, strict=True))

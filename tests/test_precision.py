@@ -44,7 +44,7 @@ def test_low_precision_step_keeps_adapters_fp32(name):
     before = [p.detach().clone() for p in lora]
     opt = torch.optim.AdamW(lora, lr=1e-2)
     train_step(model, policy, policy.make_scaler("cpu"), opt)
-    assert any(not torch.equal(a, b) for a, b in zip(before, lora))
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora, strict=True))
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in lora)
 
 
@@ -57,11 +57,11 @@ def test_fp16_scaler_skips_step_on_inf_and_writes_no_nan():
     assert scaler.is_enabled()
     before = [p.detach().clone() for p in lora]
     train_step(model, policy, scaler, opt, poison=True)
-    assert all(torch.equal(a, b) for a, b in zip(before, lora))  # step skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, lora, strict=True))  # step skipped
     assert scaler.get_scale() == 2.0**9  # and the scale backed off
     assert not opt.state  # AdamW never ran, so no inf/NaN moments either
     train_step(model, policy, scaler, opt)  # the next, clean step goes through
-    assert any(not torch.equal(a, b) for a, b in zip(before, lora))
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora, strict=True))
     assert all(torch.isfinite(p).all() for p in lora)
 
 
