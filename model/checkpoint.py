@@ -104,6 +104,22 @@ def _fill(model: Llama, tensors, dtype: torch.dtype, device, show_progress: bool
         model.lm_head.weight = model.embed_tokens.weight
 
 
+def _random_tensors(model: Llama, source: str, dtype, device):
+    """Fixed random weights (seed 0, std 0.02, norms 1) drawn by name: the same `random:`
+    model whatever the LoRA settings or the run's seed, so an adapter trained on it can be
+    evaluated on it later."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith(("lora_a", "lora_b")) or (model.cfg.tie_embeddings
+                                                   and name == "lm_head.weight"):
+            continue
+        if name.endswith("norm.weight"):
+            t = torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            t = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * 0.02
+        yield name, (lambda t=t: t), source
+
+
 def _check_vocab(tokenizer: Tokenizer | None, cfg: LlamaConfig, where):
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise TokenizerError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the "
@@ -119,13 +135,7 @@ def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32
     device = torch.device(device)
     tok = None
     if isinstance(path, str):  # random:<preset>
-        cfg = LlamaConfig.from_preset(path.split(":", 1)[1])
-        torch.manual_seed(seed)
-        model = Llama(cfg, lora).to(device=device, dtype=dtype)
-        for m in lora_modules(model).values():
-            m.reset_lora_parameters(device)
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.endswith(("lora_a", "lora_b")))
+        cfg, tensors = LlamaConfig.from_preset(path.split(":", 1)[1]), None
     else:
         if not path.exists():
             raise CheckpointError(f"base model not found: {path} (give a preset name: "
@@ -144,13 +154,15 @@ def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32
         else:
             raise CheckpointError(f"{path}: not a checkpoint (expected a .gguf file, or a folder "
                                   f"with config.json [Hugging Face] or params.json [Meta])")
-        with torch.device("meta"):
-            model = Llama(cfg, lora)
-        size = cfg.n_params * torch.finfo(dtype).bits // 8
-        _fill(model, tensors, dtype, device, show_progress=size > (1 << 30))
-        torch.manual_seed(seed)
-        for m in lora_modules(model).values():
-            m.reset_lora_parameters(device)
+    with torch.device("meta"):
+        model = Llama(cfg, lora)
+    if tensors is None:
+        tensors = _random_tensors(model, path, dtype, device)
+    size = cfg.n_params * torch.finfo(dtype).bits // 8
+    _fill(model, tensors, dtype, device, show_progress=size > (1 << 30))
+    torch.manual_seed(seed)
+    for m in lora_modules(model).values():
+        m.reset_lora_parameters(device)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     _check_vocab(tok, model.cfg, path)

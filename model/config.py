@@ -88,6 +88,9 @@ PRESETS: dict[str, dict] = {
                         vocab_size=512, max_seq_len=512, norm_eps=1e-5, tie_embeddings=True),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=256,
                  max_seq_len=256, norm_eps=1e-5),
+    # tiny, with LLaMA's 32,000-token vocabulary: engine tests pair it with the real tokenizer
+    "tiny-32k": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                     vocab_size=32000, max_seq_len=1024, norm_eps=1e-5),
 }
 
 
