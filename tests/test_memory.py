@@ -112,7 +112,7 @@ def test_llama7b_fits_24gib_with_micro_batch_8():
     chosen = choose("llama-7b", 512, "24GiB", lora, "bf16")
     assert chosen.fits and chosen.micro_batch >= 8
     # Numbers: 12.55 GiB bf16 weights; 64 MiB adapter + grads + AdamW; micro-batch 8 with
-    # full checkpointing peaks at about 16.5 GiB including a 1 GiB runtime reserve.
+    # full checkpointing peaks at 15.80 GiB including a 1 GiB runtime reserve.
     p8 = plan("llama-7b", 512, 8, lora, "bf16", "full", budget="24GiB")
     assert p8.fits
     assert p8.weights == 6_738_415_616 * 2
