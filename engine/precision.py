@@ -80,3 +80,15 @@ def default_precision(device: str | torch.device = "cpu", cpu_bf16: bool = False
         major, _ = torch.cuda.get_device_capability(device)
         return PRECISIONS["bf16" if major >= 8 else "fp16"]
     return PRECISIONS["bf16" if cpu_bf16 else "fp32"]
+
+
+def resolve_precision(device: str = "auto", precision: str = "auto",
+                      cpu_bf16: bool = False) -> tuple[torch.device, Precision]:
+    """The CLIs' --device/--precision: 'auto' takes CUDA when present and its best policy."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    dev = torch.device(device)
+    policy = default_precision(dev, cpu_bf16) if precision == "auto" else get_precision(precision)
+    return dev, policy

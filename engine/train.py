@@ -1,0 +1,360 @@
+"""The training loop: `train(cfg)` reads top-down, nanoGPT style.
+
+One optimizer step = the loss over `batch_size` samples, accumulated over micro-batches of
+`micro_batch_size`. With `step_mode="mean"` a step averages over its tokens (a step never
+holds more samples than the training set has); with `step_mode="tallrec"` each micro-batch's
+mean loss is divided by batch_size/micro_batch_size, as TALLRec's HF Trainer does even when
+K < batch_size leaves fewer micro-batches.
+
+Everything random is seeded: K-shot sampling and data order (numpy generators from the seed
+and the epoch), LoRA init and dropout (torch's generator, saved in every checkpoint), so a
+resumed run ends with the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.collate import TokenizeConfig, collate_train, encode_all, pad_value
+from data.fewshot import k_shot, k_shot_split, load_alpaca, load_domain, mix_domains
+from data.records import load_records
+from engine.config import TrainConfig
+from engine.loss import causal_lm_loss
+from engine.memory import PlanError, choose, fmt_bytes, parse_bytes, plan
+from engine.precision import resolve_precision
+from engine.scoring import metrics, score
+from engine.state import (
+    MetricsLog,
+    atomic_write_dir,
+    atomic_write_json,
+    fault_point,
+    find_dir,
+    prepare_out_dir,
+    rng_state,
+    set_rng_state,
+)
+from model import load_base
+from model.adapter import load_adapter, read_adapter_config, save_adapter
+from model.lora import mark_only_lora_trainable
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_metric: float | None = None  # val AUC (rt) or -val loss (it): higher is better
+    best_step: int | None = None
+    bad_evals: int = 0  # validations since the best one
+    stopped_early: bool = False
+    train_tokens: int = 0
+
+
+# -- data ---------------------------------------------------------------------------------
+
+def load_data(cfg: TrainConfig):
+    """-> (train records, validation records, description, synthetic?)."""
+    root = cfg.data_root
+    if cfg.stage == "it":
+        pool = load_alpaca(cfg.data or "alpaca_small", root)
+        rows = k_shot(pool.records, -1, cfg.seed)  # shuffled once; the tail validates
+        n_val = min(cfg.val_size if cfg.val_size > 0 else 0, len(rows) // 5)
+        return rows[n_val:], rows[:n_val], pool.describe(), False
+    domains = ["movie", "book"] if cfg.domain == "both" else [cfg.domain]
+    if cfg.data:
+        train = load_records(cfg.data, rec=True)
+        train = k_shot(train, cfg.shots, cfg.seed)
+        desc, synthetic = f"{cfg.data} ({cfg.shots}-shot)", False
+    else:
+        pools = [load_domain(d, "train", root) for d in domains]
+        split = mix_domains(pools, cfg.shots, cfg.seed) if len(pools) > 1 else \
+            k_shot_split(pools[0], cfg.shots, cfg.seed)
+        train, desc, synthetic = split.records, split.describe(), split.synthetic
+    if cfg.val_data:
+        val = load_records(cfg.val_data, rec=True)
+    else:
+        val = [r for d in domains for r in load_domain(d, "valid", root).records]
+    if cfg.val_size > 0 and cfg.val_size < len(val):
+        val = k_shot(val, cfg.val_size, cfg.seed)
+    return train, val, desc, synthetic
+
+
+def step_batches(n: int, cfg: TrainConfig, epoch: int, lengths: list[int]) -> list[list[int]]:
+    """This epoch's optimizer steps, each a list of sample indices."""
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n).tolist()
+    per_step = min(cfg.batch_size, n)
+    steps = [order[i:i + per_step] for i in range(0, n, per_step)]
+    if cfg.group_by_length:
+        steps = [sorted(s, key=lambda i: -lengths[i]) for s in steps]
+    return steps
+
+
+def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
+
+
+# -- validation ---------------------------------------------------------------------------
+
+def validate(model, tok, cfg: TrainConfig, val_records, val_examples, amp_dtype) -> dict:
+    """rt: AUC of P(Yes) on the validation rows; it: mean token loss."""
+    if cfg.stage == "rt":
+        probs, labels, _, _ = score(model, tok, val_records, cfg.eval_batch_size, cfg.cutoff_len,
+                                    amp_dtype, progress=False)
+        m = metrics(probs, labels)
+        m["metric"] = m["auc"] if m["auc"] is not None else float("nan")
+        return m
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad(), amp_context(device, amp_dtype):
+        for i in range(0, len(val_examples), cfg.eval_batch_size):
+            b = collate_train(val_examples[i:i + cfg.eval_batch_size], pad_value(tok))
+            loss, n = causal_lm_loss(model, b["input_ids"].to(device),
+                                     b["attention_mask"].to(device), b["labels"].to(device))
+            total, count = total + float(loss) * n, count + n
+    model.train()
+    val_loss = total / max(count, 1)
+    return {"val_loss": val_loss, "metric": -val_loss}
+
+
+def amp_context(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+def save_last(out: Path, model, opt, scaler, state: TrainState, cfg: TrainConfig):
+    def write(folder):
+        save_adapter(model, folder, base_name=cfg.base)
+        torch.save({"state": state.__dict__, "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": rng_state()}, folder / "trainer_state.pt")
+    atomic_write_dir(out / "last", write)
+
+
+def save_best(out: Path, model, state: TrainState, cfg: TrainConfig, m: dict):
+    def write(folder):
+        save_adapter(model, folder, base_name=cfg.base)
+        (folder / "best.json").write_text(json.dumps({"step": state.step, **m}, indent=2))
+    atomic_write_dir(out / "best", write)
+
+
+def check_resume_config(out: Path, cfg: TrainConfig):
+    saved = json.loads((out / "config.json").read_text())
+    free = {"max_steps", "resume", "overwrite", "log_every", "device", "eval_batch_size"}
+    diff = sorted(k for k, v in cfg.to_dict().items() if k not in free and saved.get(k) != v)
+    if diff:
+        raise ValueError(f"--resume: settings differ from the run in {out}: "
+                         + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})"
+                                     for k in diff))
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    out = Path(cfg.out)
+    prepare_out_dir(out, cfg.resume, cfg.overwrite)
+    if cfg.resume:
+        check_resume_config(out, cfg)
+    else:
+        atomic_write_json(out / "config.json", cfg.to_dict())
+    device, policy = resolve_precision(cfg.device, cfg.precision)
+    amp_dtype, scaler = policy.compute_dtype, policy.make_scaler(device)
+    torch.manual_seed(cfg.seed)
+
+    # Model: the base with LoRA built in, optionally started from a stage-1 adapter.
+    model, tok = load_base(cfg.base, dtype=policy.weight_dtype, device=device, lora=cfg.lora(),
+                           tokenizer=cfg.tokenizer, seed=cfg.seed)
+    if tok is None:
+        raise TrainingError(f"base {cfg.base!r} comes without a tokenizer; pass --tokenizer")
+    if cfg.init_adapter:
+        init_cfg, init_base = read_adapter_config(cfg.init_adapter)
+        load_adapter(model, cfg.init_adapter)
+        print(f"initialised LoRA from {cfg.init_adapter} (trained on base {init_base})")
+    model.checkpoint_every = cfg.checkpoint_every()
+    n_trainable = mark_only_lora_trainable(model)
+    print(f"trainable LoRA parameters: {n_trainable:,} "
+          f"({100 * n_trainable / model.cfg.n_params:.3f}% of {model.cfg.n_params:,})")
+
+    # Data: tokenized once; history items dropped to fit the cutoff are counted.
+    train_rows, val_rows, desc, synthetic = load_data(cfg)
+    tcfg = TokenizeConfig(cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
+    examples, cut = encode_all(train_rows, tok, tcfg)
+    val_examples = encode_all(val_rows, tok, tcfg)[0] if cfg.stage == "it" else []
+    lengths = [len(e.input_ids) for e in examples]
+    print(f"train: {desc}; {cut.summary()}; tokens/sample median {int(np.median(lengths))}, "
+          f"max {max(lengths)}")
+    print(f"validation: {len(val_rows)} rows" + (" [SYNTHETIC]" if synthetic else ""))
+    steps_per_epoch = len(step_batches(len(examples), cfg, 0, lengths))
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps > 0:
+        total_steps_run = min(total_steps, cfg.max_steps)
+    else:
+        total_steps_run = total_steps
+    eval_every = cfg.resolved_eval_every()
+    save_every = cfg.save_every or eval_every
+    plan_memory(cfg, model, device, policy, max(lengths))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = TrainState()
+    if cfg.resume:
+        last = find_dir(out / "last")
+        if last is None:
+            raise FileNotFoundError(f"--resume: {out} has no checkpoint yet; start it again")
+        load_adapter(model, last)
+        ckpt = torch.load(last / "trainer_state.pt", weights_only=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        state = TrainState(**ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed from {last} at step {state.step}")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=state.step if cfg.resume else None)
+
+    model.train()
+    bar = tqdm(total=total_steps_run, initial=state.step, desc=f"{cfg.stage} training",
+               unit="step", disable=not progress)
+    t0, tokens0 = time.time(), state.train_tokens
+    done = state.stopped_early or state.step >= total_steps_run
+    while not done:
+        batches = step_batches(len(examples), cfg, state.epoch, lengths)
+        for idx in batches[state.step_in_epoch:]:
+            lr = get_lr(state.step, total_steps, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, n_tok = train_step(model, opt, scaler, [examples[i] for i in idx], tok, cfg,
+                                     device, amp_dtype, state.step)
+            state.step += 1
+            state.step_in_epoch += 1
+            state.train_tokens += n_tok
+            tok_s = (state.train_tokens - tokens0) / max(time.time() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            if state.step % cfg.log_every == 0:
+                log.write(step=state.step, epoch=state.epoch, loss=loss, lr=lr,
+                          tokens=state.train_tokens, tokens_per_s=tok_s)
+            if state.step % eval_every == 0 or state.step == total_steps_run:
+                done = evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, amp_dtype,
+                                              state, out, log)
+            if state.step % save_every == 0 or done or state.step == total_steps_run:
+                save_last(out, model, opt, scaler, state, cfg)
+            fault_point(f"step-{state.step}")
+            if done or state.step >= total_steps_run:
+                done = True
+                break
+        else:
+            state.epoch += 1
+            state.step_in_epoch = 0
+    bar.close()
+    result = {"steps": state.step, "epochs_started": state.epoch + 1,
+              "best_step": state.best_step, "best_val_metric": state.best_metric,
+              "stopped_early": state.stopped_early, "train_tokens": state.train_tokens,
+              "trainable_params": n_trainable, "synthetic_data": synthetic,
+              "adapter": str(out / ("best" if state.best_step is not None else "last"))}
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, amp_dtype, step):
+    """One optimizer step over `batch` (accumulated micro-batches) -> (mean loss, tokens)."""
+    micro = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
+    n_loss_tokens = sum(sum(1 for y in e.labels[1:] if y != -100) for e in batch)
+    accum = max(1, cfg.batch_size // cfg.micro_batch_size)
+    total_loss, n_tokens = 0.0, 0
+    for mb in micro:
+        b = collate_train(mb, pad_value(tok))
+        ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+        with amp_context(device, amp_dtype):
+            loss, n = causal_lm_loss(model, ids, mask, b["labels"].to(device))
+        if not torch.isfinite(loss) and not scaler.is_enabled():
+            raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}; the "
+                                f"adapter was not updated and no checkpoint was written")
+        # mean: token-weighted over the whole step; tallrec: HF Trainer's loss / accum steps
+        weight = n / max(n_loss_tokens, 1) if cfg.step_mode == "mean" else 1.0 / accum
+        scaled = loss * weight
+        scaler.scale(scaled).backward()  # a no-op scale unless fp16
+        total_loss += float(loss.detach()) * n
+        n_tokens += int(mask.sum())
+    scaler.unscale_(opt)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                       cfg.grad_clip)
+    scaler.step(opt)  # fp16: skips the update when the unscaled gradients hold inf/NaN
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return total_loss / max(n_loss_tokens, 1), n_tokens
+
+
+def evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, amp_dtype, state, out,
+                           log) -> bool:
+    """Validate, keep the best adapter, and say whether early stopping ends the run."""
+    if not val_rows:
+        return False
+    m = validate(model, tok, cfg, val_rows, val_examples, amp_dtype)
+    improved = not math.isnan(m["metric"]) and (state.best_metric is None
+                                                or m["metric"] > state.best_metric)
+    if improved:
+        state.best_metric, state.best_step, state.bad_evals = m["metric"], state.step, 0
+        save_best(out, model, state, cfg, m)
+    else:
+        state.bad_evals += 1
+    log.write(step=state.step, **{f"val_{k}" if not k.startswith("val") else k: v
+                                  for k, v in m.items() if k != "metric"},
+              best_step=state.best_step)
+    tqdm.write(f"step {state.step}: validation {fmt_val(m)} (best step {state.best_step})")
+    if cfg.patience and state.bad_evals >= cfg.patience:
+        state.stopped_early = True
+        tqdm.write(f"early stop: {cfg.patience} validations without improvement")
+    return state.stopped_early
+
+
+def fmt_val(m: dict) -> str:
+    if "val_loss" in m:
+        return f"loss {m['val_loss']:.4f}"
+    return "AUC undefined" if m["auc"] is None else f"AUC {m['auc']:.4f}"
+
+
+def plan_memory(cfg: TrainConfig, model, device, policy, seq_len: int):
+    """Print the memory plan of one micro-batch at the longest sample; refuse to start when
+    it exceeds the budget (--memory-budget, else the GPU's memory), naming a plan that fits."""
+    budget = cfg.memory_budget
+    if budget is None and device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory
+    if budget is None:
+        return  # CPU without a budget: nothing to protect
+    lora_impl = "triton" if device.type == "cuda" and cfg.use_kernels else "torch"
+    backend = "efficient" if device.type == "cuda" else "cpu-flash"
+    kw = dict(lora=cfg.lora(), precision=policy, backend=backend, lora_impl=lora_impl)
+    p = plan(model.cfg, seq_len, cfg.micro_batch_size, checkpoint=cfg.checkpointing,
+             budget=budget, **kw)
+    print(p.table())
+    if not p.fits:
+        try:
+            alt = choose(model.cfg, seq_len, budget, **kw)
+            hint = (f"nearest plan that fits: --micro-batch-size {alt.micro_batch} "
+                    f"--checkpointing {alt.checkpoint} ({fmt_bytes(alt.peak)})")
+        except PlanError as e:
+            hint = str(e)
+        raise PlanError(f"the plan needs {fmt_bytes(p.peak)} but the budget is "
+                        f"{fmt_bytes(parse_bytes(budget))}; {hint}")

@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""LoRA-tune a LLaMA model: `--stage it` (Alpaca instruction tuning) or `--stage rt`
+(TALLRec few-shot rec-tuning). `python train.py --help` lists every flag."""
+
+import json
+import sys
+
+from engine.config import config_from_args
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = config_from_args(argv)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("config: " + json.dumps(cfg.to_dict()))
+    from engine.train import train  # heavy imports after the arguments are known to be fine
+
+    try:
+        result = train(cfg)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("result: " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
