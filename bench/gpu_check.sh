@@ -38,13 +38,17 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 # --- issue 4: fused LoRA kernels (kernels/lora.py) --------------------------------------------
 # Compiled, not interpreted: TRITON_INTERPRET=0 makes the tests parametrize on cuda. Most of the
 # time is Triton compiling one kernel variant per dtype / mask / rank-block / alignment.
-step kernel_tests 180 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider \
+step kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider \
     tests/test_kernels_lora.py --junitxml="$OUT/kernel_tests.xml"
 # Full grid, 648 timings: about two minutes estimated (unmeasured until the first GPU run).
-step bench_lora 200 env TRITON_INTERPRET=0 python -m bench.bench_lora --out "$OUT"
+step bench_lora 140 env TRITON_INTERPRET=0 python -m bench.bench_lora --out "$OUT"
 
-# --- later issues: add steps here (e.g. model-level kernels on/off, convergence) ------------
-# Timeouts so far: 180 + 200 = 380 s of the 480 s budget.
+# --- issue 6: LLaMA-7B LoRA step under a 24 GiB plan, ours vs transformers + peft ------------
+step bench_train_7b 180 env TRITON_INTERPRET=0 python bench/bench_train_7b.py \
+    "$OUT/bench_train_7b" --budget 24GiB --seq 512 --peak-tflops 790
+
+# --- later issues: add steps here ------------------------------------------------------------
+# Timeouts so far: 150 + 140 + 180 = 470 s of the 480 s budget.
 
 {
     echo "{"
@@ -59,5 +63,9 @@ step bench_lora 200 env TRITON_INTERPRET=0 python -m bench.bench_lora --out "$OU
     echo "  }"
     echo "}"
 } >"$OUT/summary.json"
-echo "summary: $OUT/summary.json"
+# The device tool returns at most 8 files: bundle everything, keep summary.json beside it.
+BUNDLE=$(mktemp -d)/gpu_check.tgz
+tar czf "$BUNDLE" -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.json -delete \
+    && mv "$BUNDLE" "$OUT/"
+echo "summary: $OUT/summary.json (all logs and results in $OUT/gpu_check.tgz)"
 exit "$FAILED"
