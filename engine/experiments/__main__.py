@@ -1,0 +1,149 @@
+"""`python -m engine.experiments`: run TALLRec's grid for a base model and write its tables
+and plots. Every run is cached under --out; running the same command again resumes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from engine.config import TrainConfig
+from engine.experiments.grid import EVAL_DOMAINS, PRESETS, TRAIN_DOMAINS, VARIANTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.experiments", description=__doc__,
+        epilog="examples: --preset cpu-small --plan | --preset paper --base /models/llama-7b "
+               "| --preset tiny --out /tmp/tiny | --summary-only --out results/cpu-small")
+    p.add_argument("--preset", default="cpu-small", choices=list(PRESETS),
+                   help="cpu-small: SmolLM2-135M, K in 16/64/256, RT and IT+RT on movie, tested "
+                        "on movie and book, 1 seed, ~2 h on 2 CPU cores; paper: LLaMA-7B (give "
+                        "--base), K 1..256, train on movie/book/both, 5 seeds, a GPU; tiny: a "
+                        "random 2-layer model on the synthetic toy domain (tests)")
+    p.add_argument("--base", help="base model (any train.py --base: preset, HF/Meta folder, "
+                                  ".gguf, random:<preset>)")
+    p.add_argument("--tokenizer", help="tokenizer overriding the one found with the base")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS,
+                   help="zero-shot: base as is; it: Alpaca adapter only; rt: rec-tuning from "
+                        "the base; it+rt: rec-tuning from the it adapter (TALLRec)")
+    p.add_argument("--shots", nargs="+", type=int, help="K values (training samples)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds; tables give mean ± std")
+    p.add_argument("--train-domains", nargs="+", choices=TRAIN_DOMAINS,
+                   help="rec-tuning domains (both = K shots from each of movie and book)")
+    p.add_argument("--eval-domains", nargs="+", choices=EVAL_DOMAINS,
+                   help="test splits every adapter is scored on (in- and cross-domain)")
+    p.add_argument("--out", help="results folder: runs/ cache, summary.md, figures")
+    p.add_argument("--eval-limit", type=int,
+                   help="test rows per domain, a fixed seed-0 sample (-1 = all)")
+    p.add_argument("--sample-budget", type=int,
+                   help="rec-tuning epochs = ceil(budget / K), capped by the rt epochs (0 = off)")
+    p.add_argument("--it", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="stage-1 settings over the `it` training preset, e.g. max_steps=100")
+    p.add_argument("--rt", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="rec-tuning settings over the `rt` training preset, e.g. lr=1e-4 "
+                        "epochs=200 patience=10")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--data-root", help="shared data folder (default: $TALLREC_DATA or "
+                                       "../shared/data)")
+    p.add_argument("--train-tokens-per-s", type=float,
+                   help="training throughput for the ETA until finished runs measure one")
+    p.add_argument("--eval-tokens-per-s", type=float,
+                   help="scoring throughput for the ETA until finished runs measure one")
+    p.add_argument("--plan", action="store_true", help="print the run list and ETA, run nothing")
+    p.add_argument("--summary-only", action="store_true",
+                   help="rewrite summary.md and the figures from the cache, run nothing")
+    p.add_argument("--baselines", action="store_true",
+                   help="also run baselines.run_baseline_grid (GRU4Rec, Caser, SASRec) when "
+                        "that module is importable; their rows join Table 2")
+    p.add_argument("--baseline-results", nargs="+", default=[], metavar="FILE",
+                   help="baseline result files (the baselines CLI's JSON) to add to Table 2")
+    p.add_argument("--no-progress", action="store_true", help="hide per-step progress bars")
+    return p
+
+
+def parse_settings(items: list[str]) -> dict:
+    """KEY=VALUE strings -> TrainConfig field values of the field's type."""
+    types = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in types:
+            raise ValueError(f"bad setting {item!r}: expected KEY=VALUE with KEY a TrainConfig "
+                             f"field (train.py --help lists them)")
+        default = types[key]
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, list):
+            out[key] = value.split(",")
+        elif isinstance(default, int | float):
+            out[key] = type(default)(value)
+        else:
+            out[key] = None if value.lower() == "none" else value
+    return out
+
+
+BASELINE_MODELS = ("gru4rec", "caser", "sasrec")
+
+
+def run_baselines(grid) -> None:
+    """baselines.run_baseline_grid per model, in-domain test domain and K; results cached in
+    <out>/baselines/results.json (a (model, domain, K, seeds) already there is not rerun)."""
+    try:
+        from baselines import run_baseline_grid
+    except ImportError as e:
+        print(f"--baselines: the baselines module is not importable ({e}); Table 2 without "
+              f"baseline rows")
+        return
+    path = Path(grid.out) / "baselines" / "results.json"
+    done = json.loads(path.read_text())["results"] if path.is_file() else []
+    have = {(r["model"], r["domain"], r["shots"], tuple(r["seeds"])) for r in done}
+    for d in [d for d in grid.eval_domains if d in grid.train_domains]:
+        for k in grid.shots:
+            for m in BASELINE_MODELS:
+                if (m, d, k, tuple(grid.seeds)) in have:
+                    continue
+                print(f"baseline {m} {d} K={k}", flush=True)
+                done.append(run_baseline_grid(m, d, k, seeds=grid.seeds,
+                                              data_root=grid.data_root))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"results": done}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.experiments.grid import grid_from_preset, plan_runs
+    from engine.experiments.runner import run_grid
+    from engine.experiments.summary import write_summary
+
+    args = build_parser().parse_args(argv)
+    try:
+        grid = grid_from_preset(
+            args.preset, base=args.base, tokenizer=args.tokenizer, variants=args.variants,
+            shots=args.shots, seeds=args.seeds, train_domains=args.train_domains,
+            eval_domains=args.eval_domains, out=args.out, eval_limit=args.eval_limit,
+            sample_budget=args.sample_budget, device=args.device, precision=args.precision,
+            data_root=args.data_root, train_tokens_per_s=args.train_tokens_per_s,
+            eval_tokens_per_s=args.eval_tokens_per_s, it=parse_settings(args.it),
+            rt=parse_settings(args.rt))
+        planned = len(plan_runs(grid))
+        if not args.summary_only:
+            run_grid(grid, progress=not args.no_progress, plan_only=args.plan)
+            if args.plan:
+                return 0
+        if args.baselines:
+            run_baselines(grid)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path = write_summary(grid.out, planned, title=f"{args.preset} ({grid.base})",
+                         baseline_files=args.baseline_results)
+    print(f"summary: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

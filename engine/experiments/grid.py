@@ -1,0 +1,221 @@
+"""The experiment grid: a typed config, named presets, and the list of runs it expands to.
+
+Variants (TALLRec Table 2 / Fig. 4):
+  zero-shot  the base model scores the test set as it is
+  it         stage 1 only: the Alpaca (instruction-tuned) adapter, evaluated directly
+  rt         stage 2 only: rec-tuning on K shots, starting from the base
+  it+rt      TALLRec: rec-tuning on K shots, starting from the `it` adapter
+The `it` run is trained once per seed and shared by `it` and every `it+rt` run of that seed.
+Every rec-tuned adapter is scored on every evaluation domain (Fig. 5: train on movie, book or
+both, test on each).
+
+A run is identified by its readable name (`rt-movie-k16-s0`) and cached under that name with
+the hash of its full config: see runner.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from data.paths import default_data_root
+from engine.config import PRESETS as TRAIN_PRESETS
+from engine.config import TrainConfig
+
+VARIANTS = ("zero-shot", "it", "rt", "it+rt")
+TRAIN_DOMAINS = ("movie", "book", "both", "toy")
+EVAL_DOMAINS = ("movie", "book", "toy")
+# Keys of a TrainConfig that name where a run lives or how it logs, not what it computes.
+NOT_HASHED = ("out", "resume", "overwrite", "log_every")
+
+
+@dataclass
+class GridConfig:
+    base: str | None = "smollm2-135m"
+    tokenizer: str | None = None  # default for random: bases: the shared LLaMA tokenizer
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    shots: list[int] = field(default_factory=lambda: [16, 64, 256])
+    train_domains: list[str] = field(default_factory=lambda: ["movie"])
+    eval_domains: list[str] = field(default_factory=lambda: ["movie", "book"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    it: dict = field(default_factory=dict)  # TrainConfig overrides on the `it` preset
+    rt: dict = field(default_factory=dict)  # TrainConfig overrides on the `rt` preset
+    # Each rec-tuning run sees at least this many samples: epochs = ceil(budget / K), capped
+    # by the rt epochs (0 = off: the rt epochs as given). Keeps small K from a 1-step run.
+    sample_budget: int = 0
+    eval_limit: int = -1  # test rows scored per domain, a fixed seed-0 sample (-1 = all)
+    eval_batch_size: int = 16
+    cutoff_len: int = 512
+    device: str = "auto"
+    precision: str = "auto"
+    data_root: str | None = None
+    # ETA: throughput used until finished runs give a measured one
+    train_tokens_per_s: float = 40.0
+    eval_tokens_per_s: float = 200.0
+    load_seconds: float = 10.0  # loading the base once for a run
+    out: str = "results/grid"
+
+    def __post_init__(self):
+        if not self.base:
+            raise ValueError("--base is required for this preset (a LLaMA-7B Hugging Face or "
+                             "Meta folder, or any base train.py accepts)")
+        for name, allowed in (("variants", VARIANTS), ("train_domains", TRAIN_DOMAINS),
+                              ("eval_domains", EVAL_DOMAINS)):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"--{name.replace('_', '-')} needs at least one value")
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise ValueError(f"unknown {name.replace('_', ' ')[:-1]} {bad[0]!r}; known: "
+                                 f"{', '.join(allowed)}")
+        domains = set(self.train_domains) | set(self.eval_domains)
+        if "toy" in domains and domains != {"toy"}:
+            raise ValueError("the synthetic toy domain cannot be mixed with movie/book: its "
+                             "results would sit in the same tables as real data")
+        if any(k < 1 for k in self.shots) or not self.shots:
+            raise ValueError(f"--shots must be >= 1, got {self.shots}")
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        known = {f.name for f in fields(TrainConfig)}
+        for stage in ("it", "rt"):
+            bad = sorted(set(getattr(self, stage)) - known)
+            if bad:
+                raise ValueError(f"unknown {stage} setting(s) {bad}; known: TrainConfig fields")
+        self.shots = sorted(set(self.shots))
+        self.seeds = sorted(set(self.seeds))
+        if self.tokenizer is None and self.base.startswith("random:"):
+            root = Path(self.data_root) if self.data_root else default_data_root()
+            self.tokenizer = str(root / "tokenizer" / "llama" / "tokenizer.model")
+
+    def synthetic(self) -> bool:
+        return "toy" in self.train_domains or "toy" in self.eval_domains
+
+
+# A `paper` run needs a GPU and LLaMA-7B weights; `cpu-small` is sized for 2 CPU cores in
+# about 2 hours (see results/README.md for the arithmetic); `tiny` drives the tests.
+PRESETS: dict[str, dict] = {
+    "paper": dict(base=None, shots=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+                  train_domains=["movie", "book", "both"], eval_domains=["movie", "book"],
+                  seeds=[0, 1, 2, 3, 4], device="cuda", train_tokens_per_s=3000.0,
+                  eval_tokens_per_s=12000.0, load_seconds=60.0, out="results/paper"),
+    "cpu-small": dict(
+        base="smollm2-135m", shots=[16, 64, 256], train_domains=["movie"],
+        eval_domains=["movie", "book"], seeds=[0], device="cpu", precision="fp32",
+        sample_budget=64, eval_limit=100, out="results/cpu-small",
+        # 64 Alpaca samples: the stage-1 mechanism, not a converged instruction tuning
+        it=dict(batch_size=16, micro_batch_size=8, max_steps=4, warmup_steps=1, val_size=16,
+                eval_every=4),
+        # lr 3e-4 (TALLRec: 1e-4 over up to 200 epochs) because a run has 4-16 steps
+        rt=dict(batch_size=16, micro_batch_size=8, lr=3e-4, warmup_steps=1, epochs=200,
+                val_size=32, eval_every=4, patience=0)),
+    "tiny": dict(
+        base="random:tiny-32k", shots=[8, 16], train_domains=["toy"], eval_domains=["toy"],
+        seeds=[0, 1], device="cpu", precision="fp32", eval_limit=32, cutoff_len=256,
+        eval_batch_size=32, train_tokens_per_s=1000.0, eval_tokens_per_s=5000.0,
+        load_seconds=0.3, out="results/tiny",
+        it=dict(batch_size=8, micro_batch_size=8, max_steps=1, warmup_steps=1, val_size=8,
+                eval_every=1, cutoff_len=128, eval_batch_size=32),
+        rt=dict(batch_size=8, micro_batch_size=8, lr=3e-3, warmup_steps=1, epochs=1,
+                val_size=16, eval_every=100, patience=0, eval_batch_size=32)),
+}
+
+
+def grid_from_preset(name: str, **over) -> GridConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **{k: v for k, v in over.items() if v is not None}}
+    for stage in ("it", "rt"):  # overrides merge into the preset's, not replace them
+        values[stage] = {**PRESETS[name].get(stage, {}), **over.get(stage, {})}
+    return GridConfig(**values)
+
+
+# -- runs ---------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    name: str  # folder name under <out>/runs/
+    kind: str  # train | eval
+    spec: dict  # everything that determines the result (hashed)
+    meta: dict  # what the summary groups by: variant, train/eval domain, shots, seed
+    needs: str | None = None  # the run whose adapter this one starts from / scores
+    cfg: TrainConfig | None = None  # train runs; out and init_adapter filled in at run time
+
+    @property
+    def hash(self) -> str:
+        return spec_hash(self.spec)
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_config(grid: GridConfig, stage: str, seed: int, domain: str = "movie",
+                 shots: int = 64) -> TrainConfig:
+    values = {**TRAIN_PRESETS[stage], **getattr(grid, stage)}
+    values.update(base=grid.base, tokenizer=grid.tokenizer, seed=seed, device=grid.device,
+                  precision=grid.precision, data_root=grid.data_root)
+    if stage == "rt":
+        values.update(domain=domain, shots=shots)
+        if grid.sample_budget > 0:
+            values["epochs"] = min(values.get("epochs", 200),
+                                   max(1, math.ceil(grid.sample_budget / shots)))
+        if "cutoff_len" not in grid.rt:  # the prompts scored at test time get the same cutoff
+            values["cutoff_len"] = grid.cutoff_len
+    return TrainConfig(**values)
+
+
+def _hashed(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_HASHED}
+
+
+def plan_runs(grid: GridConfig) -> list[Run]:
+    """All runs in execution order: results arrive in a useful order (zero-shot, then
+    per seed the IT run and the rec-tuning runs by increasing K), and every run comes after
+    the run it needs."""
+    runs: list[Run] = []
+    by_name: dict[str, Run] = {}
+
+    def add(run: Run) -> Run:
+        if run.needs is not None:  # a dependency's identity is part of this run's config
+            run.spec["needs"] = {"name": run.needs, "hash": by_name[run.needs].hash}
+        runs.append(run)
+        by_name[run.name] = run
+        return run
+
+    def add_evals(source: str | None, meta: dict):
+        for d in grid.eval_domains:
+            spec = {"kind": "eval", "base": grid.base, "tokenizer": grid.tokenizer,
+                    "domain": d, "split": "test", "limit": grid.eval_limit, "limit_seed": 0,
+                    "cutoff_len": grid.cutoff_len, "batch_size": grid.eval_batch_size,
+                    "device": grid.device, "precision": grid.precision,
+                    "data_root": grid.data_root}
+            prefix = source or "zero-shot"
+            add(Run(f"eval-{prefix}-on-{d}", "eval", spec, {**meta, "eval_domain": d},
+                    needs=source))
+
+    if "zero-shot" in grid.variants:
+        add_evals(None, {"variant": "zero-shot"})
+    for seed in grid.seeds:
+        it_name = f"it-s{seed}"
+        if "it" in grid.variants or "it+rt" in grid.variants:
+            cfg = train_config(grid, "it", seed)
+            add(Run(it_name, "train", {"kind": "train", "config": _hashed(cfg)},
+                    {"variant": "it", "seed": seed}, cfg=cfg))
+        if "it" in grid.variants:
+            add_evals(it_name, {"variant": "it", "seed": seed})
+        for shots in grid.shots:
+            for domain in grid.train_domains:
+                for variant in ("rt", "it+rt"):
+                    if variant not in grid.variants:
+                        continue
+                    cfg = train_config(grid, "rt", seed, domain, shots)
+                    name = f"{variant.replace('+', '')}-{domain}-k{shots}-s{seed}"
+                    meta = {"variant": variant, "train_domain": domain, "shots": shots,
+                            "seed": seed}
+                    add(Run(name, "train", {"kind": "train", "config": _hashed(cfg)}, meta,
+                            needs=it_name if variant == "it+rt" else None, cfg=cfg))
+                    add_evals(name, meta)
+    return runs

@@ -1,0 +1,211 @@
+"""Running the grid: a cache keyed by each run's config hash, resumable, failures recorded.
+
+Layout of <out>/runs/<name>/:
+  spec.json    name, hash, the full config (spec) and its grouping keys (meta)
+  train/       train.py's run folder (train runs)
+  log.txt      everything the run printed, and the traceback if it failed
+  result.json  written last: status ok|failed, the hash, metrics (eval) or train's result
+
+A run whose result.json says ok with the requested hash is never repeated. A train run with
+a checkpoint but no result resumes from it (train's `resume`). A folder whose spec.json holds
+another hash is an error: one out folder holds one grid, and mixing results of different
+settings in one table is how wrong papers are written. Failed runs are retried on the next
+invocation (the failure may have been a killed machine); runs needing a failed run fail too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+from engine.experiments.eta import Estimator, fmt_s
+from engine.experiments.grid import GridConfig, Run, plan_runs
+from engine.state import atomic_write_json, find_dir
+from engine.train import train
+
+
+class CacheConflict(ValueError):
+    pass
+
+
+def run_dir(grid: GridConfig, run: Run) -> Path:
+    return Path(grid.out) / "runs" / run.name
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b))
+                for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def check_cache(grid: GridConfig, runs: list[Run]) -> dict[str, str]:
+    """-> {run name: done | failed | resume | todo}; raises CacheConflict before any work."""
+    status, conflicts = {}, []
+    for run in runs:
+        folder = run_dir(grid, run)
+        stored = read_json(folder / "spec.json")
+        if stored is not None and stored["hash"] != run.hash:
+            conflicts.append(f"{folder}: " + "; ".join(_diff(stored["spec"], run.spec)[:4]))
+            continue
+        result = read_json(folder / "result.json")
+        if result is not None and result["hash"] == run.hash:
+            status[run.name] = "done" if result["status"] == "ok" else "failed"
+        elif run.kind == "train" and find_dir(folder / "train" / "last") is not None:
+            status[run.name] = "resume"
+        else:
+            status[run.name] = "todo"
+    if conflicts:
+        raise CacheConflict(
+            f"{len(conflicts)} cached run(s) in {grid.out} were made with other settings "
+            f"(stored -> requested):\n  " + "\n  ".join(conflicts[:5])
+            + "\nuse another --out for the new settings (or delete those run folders)")
+    return status
+
+
+class _Tee:
+    """Writes to the console and to the run's log; tqdm's carriage-return redraws stay off
+    the log."""
+
+    def __init__(self, console, log, show: bool):
+        self.console, self.log, self.show = console, log, show
+
+    def write(self, s):
+        if self.show:
+            self.console.write(s)
+        if "\r" not in s:
+            self.log.write(s)
+        return len(s)
+
+    def flush(self):
+        self.console.flush()
+        self.log.flush()
+
+
+@contextlib.contextmanager
+def tee_to(path: Path, show: bool):
+    with open(path, "a") as log, \
+            contextlib.redirect_stdout(_Tee(sys.stdout, log, show)), \
+            contextlib.redirect_stderr(_Tee(sys.stderr, log, show)):
+        yield log
+
+
+def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False) -> dict:
+    """Plan, print the plan with an ETA, run what is not cached; -> counts and statuses."""
+    runs = plan_runs(grid)
+    est = Estimator(grid)
+    est.check_pools()  # shots larger than a training pool: an error before any work
+    status = check_cache(grid, runs)
+    est.measure_from_cache([run_dir(grid, r) for r in runs])
+    seconds = {r.name: est.seconds(r) for r in runs}
+    todo = [r for r in runs if status[r.name] != "done"]
+    print(est.plan_table(runs, status, seconds))
+    if plan_only:
+        return {"planned": len(runs), "todo": len(todo), "eta_s": sum(seconds[r.name]
+                                                                     for r in todo)}
+    by_name = {r.name: r for r in runs}
+    adapters: dict[str, str] = {}  # train run name -> adapter folder of a finished run
+    for r in runs:
+        if r.kind == "train" and status[r.name] == "done":
+            adapters[r.name] = read_json(run_dir(grid, r) / "result.json")["adapter"]
+    t_start, left = time.time(), sum(seconds[r.name] for r in todo)
+    counts = {"ran": 0, "failed": 0, "cached": len(runs) - len(todo)}
+    for i, run in enumerate(todo, 1):
+        folder = run_dir(grid, run)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "spec.json", {"name": run.name, "hash": run.hash,
+                                                 "spec": run.spec, "meta": run.meta})
+        print(f"[{i}/{len(todo)}] {run.name} ({status[run.name]}, est. "
+              f"{fmt_s(seconds[run.name])}; grid ETA {fmt_s(left)})", flush=True)
+        t0 = time.time()
+        try:
+            if run.needs is not None and run.needs not in adapters:
+                raise RuntimeError(f"needs {run.needs}, which did not finish (see its log)")
+            with tee_to(folder / "log.txt", progress):
+                payload = execute(grid, run, by_name, adapters, status[run.name], progress)
+            result = {"status": "ok", **payload}
+            counts["ran"] += 1
+        except Exception as e:  # recorded with its traceback; the grid goes on
+            with open(folder / "log.txt", "a") as log:
+                log.write(traceback.format_exc())
+            result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                      "log": str(folder / "log.txt")}
+            counts["failed"] += 1
+            print(f"  FAILED: {result['error']} (log: {folder / 'log.txt'})", flush=True)
+        took = time.time() - t0
+        atomic_write_json(folder / "result.json", {**result, "name": run.name,
+                                                   "hash": run.hash, "kind": run.kind,
+                                                   "meta": run.meta, "seconds": round(took, 2)})
+        if result["status"] == "ok":
+            if run.kind == "train":
+                adapters[run.name] = result["adapter"]
+            print("  done in " + fmt_s(took) + (f": AUC {result['auc']:.4f}"
+                                                 if result.get("auc") is not None else ""))
+        left -= seconds[run.name]
+    counts["seconds"] = round(time.time() - t_start, 1)
+    print(f"grid: {counts['ran']} ran, {counts['cached']} cached, {counts['failed']} failed "
+          f"in {fmt_s(counts['seconds'])}")
+    return counts
+
+
+def execute(grid, run: Run, by_name, adapters, state: str, progress: bool) -> dict:
+    if run.kind == "train":
+        return execute_train(grid, run, adapters, state, progress)
+    return execute_eval(grid, run, adapters.get(run.needs) if run.needs else None)
+
+
+def execute_train(grid, run: Run, adapters, state: str, progress: bool) -> dict:
+    out = run_dir(grid, run) / "train"
+    fresh = state != "resume"
+    cfg = replace(run.cfg, out=str(out), resume=not fresh,
+                  overwrite=fresh and out.exists(),  # a start that never reached a checkpoint
+                  init_adapter=adapters[run.needs] if run.needs else None)
+    res = train(cfg, progress=progress)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    rates = [x["tokens_per_s"] for x in lines if "tokens_per_s" in x]
+    return {**res, "train_tokens_per_s": rates[-1] if rates else None}
+
+
+def execute_eval(grid: GridConfig, run: Run, adapter: str | None) -> dict:
+    """Score the test split with the base (zero-shot) or an adapter; evaluate.py's result
+    format (auc, n, positives, accuracy, log_loss, probs, labels)."""
+    from data.fewshot import k_shot, load_domain
+    from engine.precision import resolve_precision
+    from engine.scoring import metrics, score, summary_line
+    from model import load_base
+    from model.adapter import load_adapter, read_adapter_config
+
+    spec = run.spec
+    split = load_domain(spec["domain"], spec["split"], grid.data_root)
+    records = split.records
+    if 0 < spec["limit"] < len(records):
+        # a fixed sample (not the first rows: files list users in order), same for every run
+        records = k_shot(records, spec["limit"], spec["limit_seed"])
+    device, policy = resolve_precision(grid.device, grid.precision)
+    lora = read_adapter_config(adapter)[0] if adapter else None
+    model, tok = load_base(grid.base, dtype=policy.weight_dtype, device=device, lora=lora,
+                           tokenizer=grid.tokenizer)
+    if adapter:
+        load_adapter(model, adapter)
+    t0 = time.time()
+    probs, labels, cut, n_tokens = score(model, tok, records, spec["batch_size"],
+                                         spec["cutoff_len"], policy.compute_dtype,
+                                         progress=False)
+    took = time.time() - t0
+    m = metrics(probs, labels)
+    print(summary_line(f"{spec['domain']} test", m)
+          + (" [SYNTHETIC toy data]" if split.synthetic else ""))
+    return {**m, "ckpt": adapter or "none", "base": grid.base, "data": split.describe(),
+            "synthetic_data": split.synthetic, "tokens": n_tokens,
+            "tokens_per_s": round(n_tokens / max(took, 1e-9), 1),
+            "history_dropped_rows": cut.history_dropped,
+            "probs": [round(float(p), 6) for p in probs], "labels": labels.tolist()}

@@ -1,0 +1,237 @@
+"""Tables and plots from the cached results: mean ± std over seeds.
+
+summary.md  Table 2's layout (rows: methods, baselines first; columns: in-domain test AUC at
+            each K for movie then book), the cross-domain table (Fig. 5's numbers) and every
+            cell with its seed count
+fig4_shots.png          AUC vs K (log2 axis) per variant, one panel per test domain (Fig. 4)
+fig5_cross_domain.png   grouped bars: train domain per K, one panel per test domain (Fig. 5)
+
+std is the sample standard deviation over seeds (ddof=1), empty for a single seed. Results
+on the synthetic toy domain say so in every title and heading.
+
+Baseline rows (GRU4Rec, Caser, SASRec, ...) come from <out>/baselines/*.json and any file
+given: baselines.run_baseline_grid's result dicts (a list, or under "results" as the
+baselines CLI writes them), or plain {"method", "domain", "shots", "seed", "auc"} rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"zero-shot": "Zero-shot (base)", "it": "IT only (Alpaca-LoRA)", "rt": "RT only",
+          "it+rt": "TALLRec (IT+RT)"}
+DOMAIN_ORDER = ("movie", "book", "both", "toy")
+SYNTHETIC_NOTE = "SYNTHETIC toy data - not a real benchmark"
+
+
+def collect(out: Path, baseline_files=()) -> tuple[list[dict], dict]:
+    """-> (one row per finished evaluation or baseline result, counts by status)."""
+    rows, counts = [], defaultdict(int)
+    for path in sorted((out / "runs").glob("*/result.json")):
+        r = json.loads(path.read_text())
+        counts[r["status"]] += 1
+        if r["status"] != "ok" or r["kind"] != "eval" or r.get("auc") is None:
+            continue
+        m = r["meta"]
+        rows.append({"method": m["variant"], "train_domain": m.get("train_domain"),
+                     "eval_domain": m["eval_domain"], "shots": m.get("shots"),
+                     "seed": m.get("seed"), "auc": r["auc"],
+                     "synthetic": bool(r.get("synthetic_data"))})
+    for path in [*sorted((out / "baselines").glob("*.json")), *map(Path, baseline_files)]:
+        rows += baseline_rows(json.loads(path.read_text()))
+    return rows, dict(counts)
+
+
+def baseline_rows(obj) -> list[dict]:
+    """baselines.run_baseline_grid's results (one dict per model, domain and K with per-seed
+    test AUCs), as a list or under "results", or plain {method, domain, shots, seed, auc}."""
+    items = obj["results"] if isinstance(obj, dict) else obj
+    rows = []
+    for b in items:
+        per_seed = b.get("per_seed") or [{"seed": b.get("seed"), "test_auc": b["auc"]}]
+        for s in per_seed:
+            rows.append({"method": b.get("model") or b["method"], "train_domain": b["domain"],
+                         "eval_domain": b["domain"], "shots": b["shots"], "seed": s["seed"],
+                         "auc": s["test_auc"], "synthetic": b["domain"] == "toy",
+                         "baseline": True})
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """(method, train domain, eval domain, shots) -> {mean, std, n} over seeds."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["method"], r["train_domain"], r["eval_domain"], r["shots"]].append(r["auc"])
+    return {k: {"mean": float(np.mean(v)), "n": len(v),
+                "std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
+            for k, v in groups.items()}
+
+
+def cell(agg: dict, key) -> str:
+    g = agg.get(key)
+    if g is None:
+        return "—"
+    return f"{g['mean']:.4f}" + (f" ± {g['std']:.4f}" if g["std"] is not None else "")
+
+
+def _key(method: str, domain: str, shots) -> tuple:
+    # zero-shot and IT do not depend on K (nor IT on a training domain): one value per column
+    if method in ("zero-shot", "it"):
+        return (method, None, domain, None)
+    return (method, domain, domain, shots)
+
+
+def _ordered(values) -> list:
+    return sorted(values, key=lambda d: (DOMAIN_ORDER.index(d) if d in DOMAIN_ORDER else 9, d))
+
+
+def table2(rows: list[dict], agg: dict) -> str:
+    """Methods x (in-domain test domain, K): TALLRec's Table 2."""
+    domains = _ordered({r["eval_domain"] for r in rows})
+    shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
+    baselines = sorted({r["method"] for r in rows if r.get("baseline")})
+    methods = baselines + [m for m in LABELS if any(r["method"] == m for r in rows)]
+    cols = [(d, k) for d in domains for k in shots] or [(d, None) for d in domains]
+    head = "| method | " + " | ".join(f"{_dname(d, rows)} {k}-shot" if k else _dname(d, rows)
+                                      for d, k in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for m in methods:
+        lines.append(f"| {LABELS.get(m, m)} | "
+                     + " | ".join(cell(agg, _key(m, d, k)) for d, k in cols) + " |")
+    return "\n".join(lines)
+
+
+def cross_table(rows: list[dict], agg: dict) -> str:
+    """Rec-tuned variants: (variant, train domain) x (test domain, K): Fig. 5's numbers."""
+    tuned = [r for r in rows if r["method"] in ("rt", "it+rt")]
+    evals = _ordered({r["eval_domain"] for r in tuned})
+    shots = sorted({r["shots"] for r in tuned})
+    cols = [(d, k) for d in evals for k in shots]
+    lines = ["| variant | trained on | " + " | ".join(f"{_dname(d, rows)} test {k}-shot"
+                                                     for d, k in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for m in ("rt", "it+rt"):
+        for t in _ordered({r["train_domain"] for r in tuned if r["method"] == m}):
+            lines.append(f"| {LABELS[m]} | {t} | "
+                         + " | ".join(cell(agg, (m, t, d, k)) for d, k in cols) + " |")
+    return "\n".join(lines)
+
+
+def _dname(domain: str, rows) -> str:
+    return f"{domain} (SYNTHETIC)" if domain == "toy" else domain
+
+
+def write_summary(out: Path | str, planned: int | None = None, title: str = "",
+                  baseline_files=()) -> Path:
+    out = Path(out)
+    rows, counts = collect(out, baseline_files)
+    agg = aggregate(rows)
+    synthetic = any(r["synthetic"] for r in rows)
+    n_seeds = max((g["n"] for g in agg.values()), default=0)
+    done = counts.get("ok", 0)
+    state = (f"{done} of {planned} runs finished" if planned else f"{done} runs finished") \
+        + (f", {counts['failed']} failed" if counts.get("failed") else "")
+    partial = planned is not None and done < planned
+    md = [f"# {title or out.name}: TALLRec grid results", ""]
+    if synthetic:
+        md += [f"**{SYNTHETIC_NOTE}.** These numbers test the pipeline only.", ""]
+    md += [f"Status: {'PARTIAL - ' if partial else ''}{state}. Test AUC, mean ± sample std "
+           f"(ddof=1) over seeds (up to {n_seeds} per cell; no ± with one seed); — = not run "
+           f"(yet).", "", "## Table 2 layout: in-domain test AUC", "", table2(rows, agg), ""]
+    if any(r["method"] in ("rt", "it+rt") for r in rows):
+        md += ["## Cross-domain (Fig. 5): rec-tuned on one domain, tested on each", "",
+               cross_table(rows, agg), ""]
+    md += ["## All cells", "", "| method | trained on | tested on | K | AUC | seeds |",
+           "|---|---|---|---|---|---|"]
+    for k in sorted(agg, key=lambda k: tuple(str(x) for x in k)):
+        md.append(f"| {LABELS.get(k[0], k[0])} | {k[1] or '-'} | {_dname(k[2], rows)} | "
+                  f"{k[3] or '-'} | {cell(agg, k)} | {agg[k]['n']} |")
+    if rows:
+        plot_shots(rows, agg, out / "fig4_shots.png", synthetic)
+        plot_cross(rows, agg, out / "fig5_cross_domain.png", synthetic)
+        md += ["", "![Fig. 4 layout](fig4_shots.png)", "",
+               "![Fig. 5 layout](fig5_cross_domain.png)"]
+    path = out / "summary.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+# -- plots --------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a server
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, path: Path, synthetic: bool, what: str):
+    title = what + (f"\n{SYNTHETIC_NOTE}" if synthetic else "")
+    fig.suptitle(title, color="red" if synthetic else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_shots(rows, agg, path: Path, synthetic: bool):
+    plt = _pyplot()
+    domains = _ordered({r["eval_domain"] for r in rows if r.get("baseline") is None})
+    shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
+    fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4), squeeze=False)
+    for ax, d in zip(axes[0], domains, strict=True):
+        for i, m in enumerate(LABELS):
+            color = f"C{i}"
+            if m in ("zero-shot", "it"):
+                g = agg.get(_key(m, d, None))
+                if g is not None:
+                    ax.axhline(g["mean"], ls="--", color=color, label=LABELS[m])
+                continue
+            pts = [(k, agg[_key(m, d, k)]) for k in shots if _key(m, d, k) in agg]
+            if pts:
+                ax.errorbar([k for k, _ in pts], [g["mean"] for _, g in pts],
+                            yerr=[g["std"] or 0.0 for _, g in pts], marker="o", capsize=3,
+                            color=color, label=LABELS[m])
+        if shots:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(shots, [str(k) for k in shots])
+        ax.set_xlabel("training samples K (log scale)")
+        ax.set_ylabel("test AUC")
+        ax.set_title(f"trained and tested on {_dname(d, rows)}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _finish(fig, path, synthetic, "AUC vs number of training samples (TALLRec Fig. 4 layout)")
+    plt.close(fig)
+
+
+def plot_cross(rows, agg, path: Path, synthetic: bool):
+    plt = _pyplot()
+    tuned = [r for r in rows if r["method"] in ("rt", "it+rt")]
+    if not tuned:
+        return
+    variant = "it+rt" if any(r["method"] == "it+rt" for r in tuned) else "rt"
+    evals = _ordered({r["eval_domain"] for r in tuned})
+    trains = _ordered({r["train_domain"] for r in tuned})
+    shots = sorted({r["shots"] for r in tuned})
+    width = 0.8 / len(trains)
+    fig, axes = plt.subplots(1, len(evals), figsize=(5 * len(evals), 4), squeeze=False)
+    for ax, d in zip(axes[0], evals, strict=True):
+        x = np.arange(len(shots))
+        for j, t in enumerate(trains):
+            gs = [agg.get((variant, t, d, k)) for k in shots]
+            ax.bar(x + (j - (len(trains) - 1) / 2) * width,
+                   [g["mean"] if g else math.nan for g in gs], width,
+                   yerr=[(g["std"] or 0.0) if g else 0.0 for g in gs], capsize=3,
+                   label=f"trained on {t}")
+        ax.set_xticks(x, [f"{k}-shot" for k in shots])
+        ax.axhline(0.5, color="grey", lw=0.8)  # chance
+        ax.set_ylabel("test AUC")
+        ax.set_title(f"tested on {_dname(d, rows)}")
+        ax.legend(fontsize=8)
+    _finish(fig, path, synthetic, f"Cross-domain: {LABELS[variant]} (TALLRec Fig. 5 layout)")
+    plt.close(fig)
