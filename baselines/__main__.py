@@ -21,7 +21,7 @@ from data.paths import PROJECT_ROOT
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m baselines", description=__doc__.split("\n")[2])
+    p = argparse.ArgumentParser(prog="python -m baselines", description=__doc__.split("\n\n")[1])
     p.add_argument("--model", nargs="+", default=["gru4rec"], choices=MODELS)
     p.add_argument("--domain", default="movie", choices=("movie", "book", "toy"))
     p.add_argument("--shots", nargs="+", type=int, default=[16, 64, 256])

@@ -228,6 +228,24 @@ def test_grid_with_stubbed_trainer():
     assert out["by_weight_decay"]["1e-05"]["valid_auc_mean"] == pytest.approx(0.65)
 
 
+def test_cli_writes_json_and_table(tmp_path, capsys):
+    import json
+
+    from baselines.__main__ import main
+
+    out = tmp_path / "r.json"
+    main(["--model", "gru4rec", "caser", "--domain", "toy", "--shots", "16", "--seeds", "2",
+          "--weight-decays", "1e-3", "1e-6", "--epochs", "2", "--quiet", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["synthetic"] and [r["model"] for r in report["results"]] == ["gru4rec", "caser"]
+    r = report["results"][0]
+    assert r["shots"] == 16 and r["seeds"] == [0, 1] and r["weight_decay"] in (1e-3, 1e-6)
+    assert r["config"]["epochs"] == 2 and sorted(r["by_weight_decay"]) == ["0.001", "1e-06"]
+    printed = capsys.readouterr().out
+    assert f"{r['test_auc_mean']:.4f} ± {r['test_auc_std']:.4f}" in printed
+    assert "SYNTHETIC" in printed
+
+
 # -- GRU-text ------------------------------------------------------------------------------
 
 
