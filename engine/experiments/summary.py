@@ -181,8 +181,12 @@ def _finish(fig, path: Path, synthetic: bool, what: str):
 
 def plot_shots(rows, agg, path: Path, synthetic: bool):
     plt = _pyplot()
-    domains = _ordered({r["eval_domain"] for r in rows if r.get("baseline") is None})
+    # panels for test domains with in-domain results (zero-shot and IT count: not trained)
+    domains = _ordered({r["eval_domain"] for r in rows if not r.get("baseline")
+                        and r["train_domain"] in (None, r["eval_domain"])})
     shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
+    if not domains:
+        return
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4), squeeze=False)
     for ax, d in zip(axes[0], domains, strict=True):
         for i, m in enumerate(LABELS):
