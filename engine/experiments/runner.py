@@ -112,7 +112,6 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False) -
     if plan_only:
         return {"planned": len(runs), "todo": len(todo), "eta_s": sum(seconds[r.name]
                                                                      for r in todo)}
-    by_name = {r.name: r for r in runs}
     adapters: dict[str, str] = {}  # train run name -> adapter folder of a finished run
     for r in runs:
         if r.kind == "train" and status[r.name] == "done":
@@ -131,7 +130,7 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False) -
             if run.needs is not None and run.needs not in adapters:
                 raise RuntimeError(f"needs {run.needs}, which did not finish (see its log)")
             with tee_to(folder / "log.txt", progress):
-                payload = execute(grid, run, by_name, adapters, status[run.name], progress)
+                payload = execute(grid, run, adapters, status[run.name], progress)
             result = {"status": "ok", **payload}
             counts["ran"] += 1
         except Exception as e:  # recorded with its traceback; the grid goes on
@@ -157,7 +156,7 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False) -
     return counts
 
 
-def execute(grid, run: Run, by_name, adapters, state: str, progress: bool) -> dict:
+def execute(grid, run: Run, adapters, state: str, progress: bool) -> dict:
     if run.kind == "train":
         return execute_train(grid, run, adapters, state, progress)
     return execute_eval(grid, run, adapters.get(run.needs) if run.needs else None)
