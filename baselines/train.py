@@ -108,11 +108,24 @@ def text_table(vocab: ItemVocab, cfg: BaselineConfig) -> torch.Tensor:
     return title_embeddings(vocab.titles(), cfg.text_base, cfg.text_tokenizer, cfg.cache_dir)
 
 
-def train_baseline(model_name: str, train_records: list[dict], valid_records: list[dict],
-                   test_records: list[dict], seed: int, weight_decay: float,
-                   epochs: int | None = None, cfg: BaselineConfig | None = None,
-                   vocab: ItemVocab | None = None,
-                   text: torch.Tensor | None = None) -> RunResult:
+def train_baseline(model_name: str, *args, cfg: BaselineConfig | None = None,
+                   **kwargs) -> RunResult:
+    """`_train_baseline` on `cfg.threads` torch threads, restoring the caller's setting after:
+    the thread count changes float reductions, so leaking it would break bit-exact runs of
+    other code in the same process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads((cfg or BaselineConfig()).threads)
+    try:
+        return _train_baseline(model_name, *args, cfg=cfg, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_baseline(model_name: str, train_records: list[dict], valid_records: list[dict],
+                    test_records: list[dict], seed: int, weight_decay: float,
+                    epochs: int | None = None, cfg: BaselineConfig | None = None,
+                    vocab: ItemVocab | None = None,
+                    text: torch.Tensor | None = None) -> RunResult:
     """Train on `train_records`, early-stop on validation AUC, score the test set with the
     best-validation weights. `vocab` defaults to ids assigned over the three record lists;
     `text` (gru-text) defaults to `cfg.text_base` embeddings of the vocabulary's titles."""
@@ -131,7 +144,6 @@ def train_baseline(model_name: str, train_records: list[dict], valid_records: li
     if text is not None and model_name == "gru-text" and len(text) < len(vocab):
         raise ValueError(f"text table has {len(text)} rows for {len(vocab)} item ids")
 
-    torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     mcfg = ModelConfig(n_items=len(vocab), item_dim=cfg.item_dim,
                        feedback_dim=cfg.feedback_dim, hidden=cfg.hidden, max_len=cfg.max_len,

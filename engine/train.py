@@ -341,14 +341,12 @@ def plan_memory(cfg: TrainConfig, model, device, policy, seq_len: int):
     budget = cfg.memory_budget
     if budget is None and device.type == "cuda":
         budget = torch.cuda.get_device_properties(device).total_memory
-    if budget is None:
-        return  # CPU without a budget: nothing to protect
     lora_impl = "triton" if device.type == "cuda" and cfg.use_kernels else "torch"
     backend = "efficient" if device.type == "cuda" else "cpu-flash"
     kw = dict(lora=cfg.lora(), precision=policy, backend=backend, lora_impl=lora_impl)
     p = plan(model.cfg, seq_len, cfg.micro_batch_size, checkpoint=cfg.checkpointing,
              budget=budget, **kw)
-    print(p.table())
+    print(p.table() if budget is not None else f"memory plan: {p.summary()}")
     if not p.fits:
         try:
             alt = choose(model.cfg, seq_len, budget, **kw)
