@@ -187,6 +187,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                            tokenizer=cfg.tokenizer, seed=cfg.seed)
     if tok is None:
         raise TrainingError(f"base {cfg.base!r} comes without a tokenizer; pass --tokenizer")
+    if cfg.stage == "rt":
+        tok.answer_token_ids()  # validation scores Yes/No: fail now, not at the first validation
     if cfg.init_adapter:
         init_cfg, init_base = read_adapter_config(cfg.init_adapter)
         load_adapter(model, cfg.init_adapter)
