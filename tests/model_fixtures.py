@@ -59,6 +59,17 @@ META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1,
               "tok_embeddings": 1, "output": 0}
 
 
+def layer_tensor(key: str, v, cfg: LlamaConfig):
+    """HF `layers.<i>.<module>.<leaf>` -> (i, module, leaf, tensor in Meta's rotary layout)."""
+    _, i, rest = key.split(".", 2)
+    mod, _, leaf = rest.rpartition(".")
+    if mod == "self_attn.q_proj":
+        v = unpermute_rotary(v, cfg.n_heads)
+    elif mod == "self_attn.k_proj":
+        v = unpermute_rotary(v, cfg.n_kv_heads)
+    return i, mod, leaf, v
+
+
 def write_meta(hf, cfg: LlamaConfig, folder: Path, shards: int = 1) -> Path:
     """Meta's layout: interleaved rotary q/k, Meta names, model-parallel shards."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,12 +88,7 @@ def write_meta(hf, cfg: LlamaConfig, folder: Path, shards: int = 1) -> Path:
         if k == "norm.weight":
             state[k] = v
             continue
-        _, i, rest = k.split(".", 2)
-        mod, _, leaf = rest.rpartition(".")
-        if mod == "self_attn.q_proj":
-            v = unpermute_rotary(v, cfg.n_heads)
-        elif mod == "self_attn.k_proj":
-            v = unpermute_rotary(v, cfg.n_kv_heads)
+        i, mod, leaf, v = layer_tensor(k, v, cfg)
         state[f"layers.{i}.{META_NAMES[mod]}.{leaf}"] = v
     state["rope.freqs"] = torch.zeros(cfg.head_dim // 2)
     for s in range(shards):
@@ -125,12 +131,7 @@ def write_gguf(hf, cfg: LlamaConfig, path: Path, qtype: str = "F32", raw_overrid
         if k == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if k.startswith("layers."):
-            _, i, rest = k.split(".", 2)
-            mod, _, leaf = rest.rpartition(".")
-            if mod == "self_attn.q_proj":
-                v = unpermute_rotary(v, cfg.n_heads)
-            elif mod == "self_attn.k_proj":
-                v = unpermute_rotary(v, cfg.n_kv_heads)
+            i, mod, leaf, v = layer_tensor(k, v, cfg)
             name = f"blk.{i}.{names[mod]}.{leaf}"
         else:
             name = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
