@@ -190,8 +190,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.stage == "rt":
         tok.answer_token_ids()  # validation scores Yes/No: fail now, not at the first validation
     if cfg.init_adapter:
-        init_cfg, init_base = read_adapter_config(cfg.init_adapter)
-        load_adapter(model, cfg.init_adapter)
+        _, init_base = read_adapter_config(cfg.init_adapter)
+        load_adapter(model, cfg.init_adapter)  # checks rank, targets and every shape
         print(f"initialised LoRA from {cfg.init_adapter} (trained on base {init_base})")
     model.checkpoint_every = cfg.checkpoint_every()
     n_trainable = mark_only_lora_trainable(model)
@@ -209,10 +209,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     print(f"validation: {len(val_rows)} rows" + (" [SYNTHETIC]" if synthetic else ""))
     steps_per_epoch = len(step_batches(len(examples), cfg, 0, lengths))
     total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps > 0:
-        total_steps_run = min(total_steps, cfg.max_steps)
-    else:
-        total_steps_run = total_steps
+    # --max-steps stops early without reshaping the schedule, which spans every epoch.
+    total_steps_run = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
     eval_every = cfg.resolved_eval_every()
     save_every = cfg.save_every or eval_every
     plan_memory(cfg, model, device, policy, max(lengths))
