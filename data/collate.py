@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from data.prompts import NO, YES, format_prompt, instruction_for, is_rec_record, parse_rec_record
+from data.prompts import NO, YES, format_prompt, is_rec_record, parse_rec_record
 
 IGNORE = -100
 
@@ -94,16 +94,6 @@ def encode_pair(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], 
     # A merge across the boundary: keep the prompt's own tokens so an eval prompt ends
     # exactly where the answer starts.
     return prompt_ids, tok.encode(response, bos=False, eos=False)
-
-
-def answer_token_ids(tok: Tokenizer) -> tuple[int, int]:
-    """First token of "Yes." and of "No." as they follow a prompt (LLaMA: 8241, 3782)."""
-    prompt = format_prompt(instruction_for("movie"), 'User Preference: "A"')
-    yes = encode_pair(tok, prompt, YES)[1]
-    no = encode_pair(tok, prompt, NO)[1]
-    if yes[0] == no[0]:
-        raise ValueError("tokenizer gives Yes. and No. the same first token")
-    return yes[0], no[0]
 
 
 def _labels(ids: list[int], prompt_len: int, train_on_inputs: bool) -> list[int]:

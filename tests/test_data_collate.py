@@ -7,7 +7,6 @@ from data.collate import (
     Example,
     LengthGroupedBatches,
     TokenizeConfig,
-    answer_token_ids,
     collate_eval,
     collate_train,
     encode_all,
@@ -225,12 +224,12 @@ def llama_tok(data_root):
 
 
 def test_llama_answer_tokens(llama_tok):
-    assert answer_token_ids(llama_tok) == (8241, 3782)
+    assert llama_tok.answer_token_ids() == (8241, 3782)
 
 
 @pytest.mark.parametrize("domain", ["movie", "book"])
 def test_no_question_or_answer_lost_at_512(llama_tok, data_root, domain):
-    yes, no = answer_token_ids(llama_tok)
+    yes, no = llama_tok.answer_token_ids()
     noun = {"movie": "movie", "book": "book"}[domain]
     dropped = 0
     for split in ("train", "valid", "test"):
@@ -254,7 +253,7 @@ def test_eval_batch_on_real_rows(llama_tok, data_root):
     cfg = TokenizeConfig()
     evals = [encode_eval(r, llama_tok, cfg) for r in records]
     batch = collate_eval(evals, pad_value(llama_tok))
-    yes, no = answer_token_ids(llama_tok)
+    yes, no = llama_tok.answer_token_ids()
     for i, (r, ev) in enumerate(zip(records, evals, strict=True)):
         full = encode_record(r, llama_tok, cfg).input_ids
         assert full[: len(ev.input_ids)] == ev.input_ids  # the prompt is the training prefix
@@ -272,7 +271,7 @@ def smollm_tok():
 
 
 def test_smollm2_bpe_eval_prompts_end_at_answer(smollm_tok, data_root):
-    assert answer_token_ids(smollm_tok) == (10539, 5230)
+    assert smollm_tok.answer_token_ids() == (10539, 5230)
     assert smollm_tok.bos_id is None
     records = load_domain("book", "test", data_root).records[:50]
     for r in records:
