@@ -56,9 +56,11 @@ forming W + s·BA); peft tuners/lora (dropout on the adapter input only).
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+# The torch maths and the dropout mask are shared with the model's CPU path.
+from model.lora import lora_reference, make_dropout_mask
 
 # Triton decides at decoration time whether @triton.jit builds an interpreted function, from
 # this variable; read it the same way, once.
@@ -281,11 +283,6 @@ def _check_inputs(x, weight, lora_a, lora_b, dropout_p, dropout_mask):
                              f"{tuple(dropout_mask.shape)} on {dropout_mask.device}")
 
 
-def make_dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool keep-mask of x's shape, each element kept with probability 1 - p (torch RNG)."""
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-
-
 def use_triton(x: torch.Tensor, *, allow_interpreter: bool = False) -> bool:
     """Whether the fused kernels can run on x: CUDA tensors, or CPU tensors when the caller
     asks for it and TRITON_INTERPRET=1 was set before this module was imported."""
@@ -458,8 +455,4 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scale, dropout_p=0.0, train
     backward. Used by tests, benchmarks, and by the model off CUDA."""
     p = float(dropout_p) if training else 0.0
     _check_inputs(x, weight, lora_a, lora_b, p, dropout_mask)
-    if p > 0.0 and dropout_mask is None:
-        dropout_mask = make_dropout_mask(x, p)
-    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # adapters in the compute dtype, as autocast
-    xd = x if dropout_mask is None else x * dropout_mask * (1.0 / (1.0 - p))
-    return F.linear(x, weight) + scale * F.linear(F.linear(xd, a), b)
+    return lora_reference(x, weight, lora_a, lora_b, scale, p, dropout_mask)

@@ -130,19 +130,23 @@ class LoRALinear(nn.Module):
                 f"scale={self.scale:g}, dropout={self.dropout:g}, kernel={self.kernel}")
 
 
-def lora_reference(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0):
-    """Plain-torch LoRA linear, the same maths as `kernels.lora.lora_linear_reference` (kept
-    here so the CPU path needs no Triton; tests/test_lora.py checks they agree bit for bit).
+def make_dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool keep-mask of x's shape, each element kept with probability 1 - p (torch RNG).
 
-    The mask is drawn exactly as `kernels.lora.make_dropout_mask` draws it (one bool
-    bernoulli_ over x's shape), not with F.dropout, whose RNG use differs: from the same seed
-    both paths then drop the same elements. The adapters run in the compute dtype, as autocast
-    would (fp32 adapters on a bf16 model)."""
+    One mask for both paths (the Triton kernel takes it as input), not F.dropout, whose RNG
+    use differs: from the same seed the kernel and the torch path drop the same elements."""
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+
+
+def lora_reference(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0,
+                   dropout_mask: torch.Tensor | None = None):
+    """Plain-torch LoRA linear: the CPU path, and the maths `kernels.lora` is checked against
+    (it lives here so the CPU path needs no Triton). The adapters run in the compute dtype, as
+    autocast would (fp32 adapters on a bf16 model)."""
     a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    xd = x
-    if dropout_p > 0:
-        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
-        xd = x * keep * (1.0 / (1.0 - dropout_p))
+    if dropout_p > 0 and dropout_mask is None:
+        dropout_mask = make_dropout_mask(x, dropout_p)
+    xd = x if dropout_mask is None else x * dropout_mask * (1.0 / (1.0 - dropout_p))
     return F.linear(x, weight) + scale * F.linear(F.linear(xd, a), b)
 
 
