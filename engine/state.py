@@ -69,10 +69,14 @@ def find_dir(target: Path) -> Path | None:
     return old if old.is_dir() else None
 
 
-def atomic_write_json(path: Path, obj):
+def atomic_write_text(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def rng_state() -> dict:
@@ -97,7 +101,7 @@ class MetricsLog:
         if resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_json_lines(path, keep)
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def write(self, **record):
         with open(self.path, "a") as f:
@@ -107,12 +111,6 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-def atomic_write_json_lines(path: Path, lines: list[str]):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool):
