@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from baselines.models import MODELS, ModelConfig, SeqRecommender, mse_loss
 from baselines.text import DEFAULT_TEXT_BASE, title_embeddings
 from data.fewshot import k_shot, load_domain
 from data.items import ItemVocab, domain_vocab, record_to_ids, vocab_from_records
+from engine.scoring import metrics
 
 WEIGHT_DECAYS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 
@@ -82,10 +82,11 @@ def encode(records: list[dict], vocab: ItemVocab, max_len: int) -> dict[str, tor
 
 
 def auc(labels, scores) -> float:
-    labels = np.asarray(labels)
-    if labels.min() == labels.max():
-        raise ValueError("AUC needs both labels in the evaluation set")
-    return float(roc_auc_score(labels, np.asarray(scores)))
+    """The engine's AUC (`engine.scoring.metrics`), raising where it would report undefined."""
+    m = metrics(scores, labels)
+    if m["auc"] is None:
+        raise ValueError(f"AUC undefined: {m['auc_undefined']}")
+    return m["auc"]
 
 
 @torch.no_grad()
