@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.loss import causal_lm_loss  # noqa: E402
 from engine.memory import choose, fmt_bytes  # noqa: E402
 from engine.precision import get_precision  # noqa: E402
-from model.config import LlamaConfig, config_to_hf  # noqa: E402
+from model.config import LlamaConfig  # noqa: E402
+from model.formats.hf import config_to_hf  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.lora import LoRAConfig, lora_modules  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model.config import config_to_hf
+from model.formats.hf import config_to_hf
 from model.lora import TARGETS, LoRAConfig, LoRAError, LoRALinear, lora_modules
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -1,10 +1,9 @@
-"""Model configuration: a typed dataclass, named presets, and readers for checkpoint metadata."""
+"""Model configuration: a typed dataclass and named presets. Each checkpoint format reads its own
+metadata into a `LlamaConfig` in `model/formats/`."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -92,89 +91,3 @@ PRESETS: dict[str, dict] = {
     "tiny-32k": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                      vocab_size=32000, max_seq_len=1024, norm_eps=1e-5),
 }
-
-
-def config_from_hf(path: str | Path) -> LlamaConfig:
-    """Read a Hugging Face `config.json` of a LLaMA-architecture model."""
-    path = Path(path)
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config.json ({e})") from e
-    if hf.get("model_type", "llama") not in ("llama", "mistral") and \
-            "LlamaForCausalLM" not in hf.get("architectures", []):
-        raise ConfigError(f"{path}: model_type {hf.get('model_type')!r} is not a LLaMA model")
-    # transformers >= 5 nests rope settings in `rope_parameters`; older files keep them flat.
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                         else None)
-    if scaling:
-        raise ConfigError(f"{path}: rope scaling {scaling} is not supported")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    try:
-        return LlamaConfig(
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
-            tie_embeddings=hf.get("tie_word_embeddings", False), head_dim=hf.get("head_dim"),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{path}: missing key {e} in config.json") from e
-
-
-def config_to_hf(cfg: LlamaConfig) -> dict:
-    """The `config.json` transformers needs to build the same model."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
-        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-    }
-
-
-def config_from_meta(params: dict, vocab_size: int | None = None) -> LlamaConfig:
-    """Read Meta's `params.json`; its hidden size is derived from `multiple_of`."""
-    dim = params["dim"]
-    hidden = int(2 * (4 * dim) / 3)
-    if params.get("ffn_dim_multiplier") is not None:
-        hidden = int(params["ffn_dim_multiplier"] * hidden)
-    multiple_of = params.get("multiple_of", 256)
-    hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-    vocab = params.get("vocab_size", -1)
-    if vocab is None or vocab <= 0:
-        vocab = vocab_size
-    return LlamaConfig(
-        dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads"), hidden_dim=hidden, vocab_size=vocab,
-        max_seq_len=params.get("max_seq_len", 2048), norm_eps=params.get("norm_eps", 1e-6),
-        rope_theta=params.get("rope_theta", 10000.0),
-    )
-
-
-def config_from_gguf(fields_: dict, vocab_size: int) -> LlamaConfig:
-    """Read GGUF metadata (`llama.*` keys), given as a plain dict of key -> value."""
-    arch = fields_.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"GGUF architecture {arch!r} is not 'llama'")
-    p = "llama."
-    n_heads = int(fields_[p + "attention.head_count"])
-    dim = int(fields_[p + "embedding_length"])
-    rope_dim = fields_.get(p + "rope.dimension_count")
-    return LlamaConfig(
-        dim=dim, n_layers=int(fields_[p + "block_count"]), n_heads=n_heads,
-        n_kv_heads=int(fields_.get(p + "attention.head_count_kv", n_heads)),
-        hidden_dim=int(fields_[p + "feed_forward_length"]),
-        vocab_size=int(fields_.get(p + "vocab_size", vocab_size)),
-        max_seq_len=int(fields_.get(p + "context_length", 2048)),
-        norm_eps=float(fields_.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(fields_.get(p + "rope.freq_base", 10000.0)),
-        head_dim=int(rope_dim) if rope_dim else None,
-    )

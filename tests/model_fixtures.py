@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.config import LlamaConfig, config_to_hf
+from model.config import LlamaConfig
 from model.formats import unpermute_rotary
+from model.formats.hf import config_to_hf
 
 
 def hf_reference(cfg: LlamaConfig, seed: int = 0):

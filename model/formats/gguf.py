@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.config import config_from_gguf
+from model.config import ConfigError, LlamaConfig
 from model.formats import CheckpointError, permute_rotary
 
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
@@ -18,6 +18,27 @@ LAYER_MAP = {
     "ffn_norm": "post_attention_layernorm",
 }
 TOP_MAP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+def config_from_gguf(fields_: dict, vocab_size: int) -> LlamaConfig:
+    """Read GGUF metadata (`llama.*` keys), given as a plain dict of key -> value."""
+    arch = fields_.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"GGUF architecture {arch!r} is not 'llama'")
+    p = "llama."
+    n_heads = int(fields_[p + "attention.head_count"])
+    dim = int(fields_[p + "embedding_length"])
+    rope_dim = fields_.get(p + "rope.dimension_count")
+    return LlamaConfig(
+        dim=dim, n_layers=int(fields_[p + "block_count"]), n_heads=n_heads,
+        n_kv_heads=int(fields_.get(p + "attention.head_count_kv", n_heads)),
+        hidden_dim=int(fields_[p + "feed_forward_length"]),
+        vocab_size=int(fields_.get(p + "vocab_size", vocab_size)),
+        max_seq_len=int(fields_.get(p + "context_length", 2048)),
+        norm_eps=float(fields_.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(fields_.get(p + "rope.freq_base", 10000.0)),
+        head_dim=int(rope_dim) if rope_dim else None,
+    )
 
 
 def _reader(path: Path):

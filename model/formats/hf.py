@@ -6,10 +6,56 @@ from pathlib import Path
 
 import torch
 
-from model.config import config_from_hf
+from model.config import ConfigError, LlamaConfig
 from model.formats import CheckpointError
 
 SKIP = ("rotary_emb.inv_freq",)
+
+
+def config_from_hf(path: str | Path) -> LlamaConfig:
+    """Read a Hugging Face `config.json` of a LLaMA-architecture model."""
+    path = Path(path)
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config.json ({e})") from e
+    if hf.get("model_type", "llama") not in ("llama", "mistral") and \
+            "LlamaForCausalLM" not in hf.get("architectures", []):
+        raise ConfigError(f"{path}: model_type {hf.get('model_type')!r} is not a LLaMA model")
+    # transformers >= 5 nests rope settings in `rope_parameters`; older files keep them flat.
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
+                                         else None)
+    if scaling:
+        raise ConfigError(f"{path}: rope scaling {scaling} is not supported")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    try:
+        return LlamaConfig(
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+            tie_embeddings=hf.get("tie_word_embeddings", False), head_dim=hf.get("head_dim"),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{path}: missing key {e} in config.json") from e
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    """The `config.json` transformers needs to build the same model."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+    }
 
 
 def hf_name(key: str) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import config_from_meta
+from model.config import LlamaConfig
 from model.formats import CheckpointError, permute_rotary
 
 # Meta name -> (our name, dim along which model-parallel shards are concatenated, or None).
@@ -24,6 +24,25 @@ LAYER_MAP = {
 }
 TOP_MAP = {"tok_embeddings.weight": ("embed_tokens.weight", 1),
            "norm.weight": ("norm.weight", None), "output.weight": ("lm_head.weight", 0)}
+
+
+def config_from_meta(params: dict, vocab_size: int | None = None) -> LlamaConfig:
+    """Read Meta's `params.json`; its hidden size is derived from `multiple_of`."""
+    dim = params["dim"]
+    hidden = int(2 * (4 * dim) / 3)
+    if params.get("ffn_dim_multiplier") is not None:
+        hidden = int(params["ffn_dim_multiplier"] * hidden)
+    multiple_of = params.get("multiple_of", 256)
+    hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    vocab = params.get("vocab_size", -1)
+    if vocab is None or vocab <= 0:
+        vocab = vocab_size
+    return LlamaConfig(
+        dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads"), hidden_dim=hidden, vocab_size=vocab,
+        max_seq_len=params.get("max_seq_len", 2048), norm_eps=params.get("norm_eps", 1e-6),
+        rope_theta=params.get("rope_theta", 10000.0),
+    )
 
 
 def meta_name(key: str):
