@@ -23,7 +23,8 @@ import torch
 
 from data.prompts import NO, YES, format_prompt, is_rec_record, parse_rec_record
 
-IGNORE = -100
+# label of positions that carry no loss (prompt, padding): torch's cross_entropy ignore_index
+IGNORE_INDEX = -100
 
 
 class Tokenizer(Protocol):
@@ -99,7 +100,7 @@ def encode_pair(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], 
 def _labels(ids: list[int], prompt_len: int, train_on_inputs: bool) -> list[int]:
     if train_on_inputs:
         return list(ids)
-    return [IGNORE] * min(prompt_len, len(ids)) + ids[prompt_len:]
+    return [IGNORE_INDEX] * min(prompt_len, len(ids)) + ids[prompt_len:]
 
 
 def _fit_rec(record: dict, tok: Tokenizer, cfg: TokenizeConfig, response: str):
@@ -245,7 +246,7 @@ def collate_train(
     return {
         "input_ids": _pad(ids, pad_id, width, left),
         "attention_mask": _pad([[1] * len(r) for r in ids], 0, width, left),
-        "labels": _pad([e.labels for e in examples], IGNORE, width, left),
+        "labels": _pad([e.labels for e in examples], IGNORE_INDEX, width, left),
     }
 
 

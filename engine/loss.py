@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from data.collate import IGNORE_INDEX
 
 
 class LinearCrossEntropy(torch.autograd.Function):

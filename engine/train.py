@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.collate import TokenizeConfig, collate_train, encode_all, pad_value
+from data.collate import IGNORE_INDEX, TokenizeConfig, collate_train, encode_all, pad_value
 from data.fewshot import k_shot, k_shot_split, load_alpaca, load_domain, mix_domains
 from data.records import load_records
 from engine.config import TrainConfig
@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, amp_dtype, step):
     """One optimizer step over `batch` (accumulated micro-batches) -> (mean loss, tokens)."""
     micro = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
-    n_loss_tokens = sum(sum(1 for y in e.labels[1:] if y != -100) for e in batch)
+    n_loss_tokens = sum(sum(1 for y in e.labels[1:] if y != IGNORE_INDEX) for e in batch)
     accum = max(1, cfg.batch_size // cfg.micro_batch_size)
     total_loss, n_tokens = 0.0, 0
     for mb in micro:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from data.collate import (
-    IGNORE,
+    IGNORE_INDEX,
     CutoffStats,
     Example,
     LengthGroupedBatches,
@@ -70,13 +70,13 @@ def test_train_example_layout_by_hand():
     assert ex.prompt_len == 1 + len(prompt)
     masked = encode_record(ALPACA, tok, TokenizeConfig(train_on_inputs=False))
     assert masked.input_ids == ex.input_ids
-    assert masked.labels == [IGNORE] * (1 + len(prompt)) + chars("Hi") + [2]
+    assert masked.labels == [IGNORE_INDEX] * (1 + len(prompt)) + chars("Hi") + [2]
 
 
 def test_rec_example_trains_only_the_answer_when_asked():
     r = rec(["A"], ["B"], label=False)
     ex = encode_record(r, CharTok(), TokenizeConfig(train_on_inputs=False))
-    assert [t for t in ex.labels if t != IGNORE] == chars("No.") + [2]
+    assert [t for t in ex.labels if t != IGNORE_INDEX] == chars("No.") + [2]
     assert ex.label == 0
 
 
@@ -162,10 +162,11 @@ def _ex(ids, labels=None, label=None):
 
 
 def test_collate_train_right_padding_by_hand():
-    batch = collate_train([_ex([1, 7, 8], [IGNORE, 7, 8]), _ex([1, 9, 9, 9, 2])], pad_id=0)
+    batch = collate_train([_ex([1, 7, 8], [IGNORE_INDEX, 7, 8]), _ex([1, 9, 9, 9, 2])], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 7, 8, 0, 0], [1, 9, 9, 9, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert batch["labels"].tolist() == [[IGNORE, 7, 8, IGNORE, IGNORE], [1, 9, 9, 9, 2]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX],
+                                          [1, 9, 9, 9, 2]]
     assert batch["input_ids"].dtype == torch.long
 
 
@@ -173,7 +174,7 @@ def test_collate_train_left_and_multiple_of():
     batch = collate_train([_ex([1, 7]), _ex([1, 9, 9])], pad_id=0, side="left",
                           pad_to_multiple_of=4)
     assert batch["input_ids"].tolist() == [[0, 0, 1, 7], [0, 1, 9, 9]]
-    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 1, 7], [IGNORE, 1, 9, 9]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 1, 7], [IGNORE_INDEX, 1, 9, 9]]
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
     with pytest.raises(ValueError, match="side"):
         collate_train([_ex([1])], 0, side="middle")
