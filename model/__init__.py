@@ -1,5 +1,5 @@
-from model.checkpoint import DEFAULT_BASE, load_base
-from model.config import PRESETS, LlamaConfig
+from model.checkpoint import load_base
+from model.config import DEFAULT_BASE, PRESETS, LlamaConfig
 from model.formats import CheckpointError
 from model.llama import Llama
 from model.lora import LoRAConfig

