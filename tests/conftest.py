@@ -16,3 +16,20 @@ def data_root():
     if not DATA_ROOT.is_dir():
         pytest.skip(f"shared data not found at {DATA_ROOT} (set TALLREC_DATA to its folder)")
     return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(our SmolLM2-135M in fp32, its tokenizer, transformers' LlamaForCausalLM read from the
+    same GGUF): loaded once for every test that compares against the real default base."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from model import load_base
+    from model.checkpoint import smollm2_path
+
+    model, tok = load_base("smollm2-135m", dtype=torch.float32)
+    path = smollm2_path()
+    ref = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                           dtype=torch.float32).eval()
+    return model.eval(), tok, ref

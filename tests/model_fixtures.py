@@ -1,5 +1,6 @@
 """Writers of small random checkpoints in every format we read (test-only; uses transformers
-as the reference model)."""
+as the reference model, the gguf package's own GGUFWriter, and Meta's rotary layout written
+out here, so the loaders are checked against code they do not share)."""
 
 import json
 from pathlib import Path
@@ -8,7 +9,6 @@ import numpy as np
 import torch
 
 from model.config import LlamaConfig
-from model.formats import unpermute_rotary
 from model.formats.hf import config_to_hf
 
 
@@ -60,14 +60,24 @@ META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1,
               "tok_embeddings": 1, "output": 0}
 
 
+def to_meta_rotary(w, n_heads: int):
+    """HF's half-split q/k rows -> Meta's interleaved rows, one row at a time: RoPE rotates
+    HF's pair (i, i + hd/2) of each head, which Meta stores as rows (2i, 2i + 1). llama.cpp's
+    converter writes GGUF q/k in this same layout. Written out as an index list, not as the
+    reshape/transpose the loaders use."""
+    hd = w.shape[0] // n_heads
+    rows = [h * hd + j // 2 + (j % 2) * (hd // 2) for h in range(n_heads) for j in range(hd)]
+    return w[rows]
+
+
 def layer_tensor(key: str, v, cfg: LlamaConfig):
     """HF `layers.<i>.<module>.<leaf>` -> (i, module, leaf, tensor in Meta's rotary layout)."""
     _, i, rest = key.split(".", 2)
     mod, _, leaf = rest.rpartition(".")
     if mod == "self_attn.q_proj":
-        v = unpermute_rotary(v, cfg.n_heads)
+        v = to_meta_rotary(v, cfg.n_heads)
     elif mod == "self_attn.k_proj":
-        v = unpermute_rotary(v, cfg.n_kv_heads)
+        v = to_meta_rotary(v, cfg.n_kv_heads)
     return i, mod, leaf, v
 
 

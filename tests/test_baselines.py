@@ -287,9 +287,12 @@ def test_title_embeddings_are_cached(tiny_llm, tmp_path, monkeypatch):
 def test_gru_text_trains(tiny_llm, tmp_path, fixtures):
     _, _, tok = tiny_llm
     train, valid, test = fixtures["feedback"]
-    cfg = BaselineConfig(epochs=3, text_base="random:tiny-32k", text_tokenizer=tok,
-                         cache_dir=str(tmp_path))
+    cfg = BaselineConfig(epochs=10, patience=0, text_base="random:tiny-32k",
+                         text_tokenizer=tok, cache_dir=str(tmp_path))
     r = train_baseline("gru-text", train, valid, test, seed=0, weight_decay=1e-5, cfg=cfg)
-    assert len(r.train_loss) == 3 and 0 <= r.test_auc <= 1
+    # The feedback rule is learnable from the history alone (measured: test AUC 0.99 after
+    # 10 epochs, 0.55 after 3): the text model must learn it too, not merely run.
+    assert len(r.train_loss) == 10 and r.train_loss[-1] < 0.5 * r.train_loss[0]
+    assert r.test_auc > 0.9, (r.test_auc, r.valid_auc, r.best_epoch)
     vocab = vocab_from_records("toy", [*train, *valid, *test])
     assert encode(test, vocab, 10)["history"].shape == (150, 10)

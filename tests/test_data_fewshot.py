@@ -128,10 +128,21 @@ def test_write_then_load_round_trips_non_ascii(tmp_path):
 # --- K-shot sampling -------------------------------------------------------------------
 
 
-def test_shuffle_is_hf_datasets_order():
-    # HF datasets' shuffle(seed) is np.random.default_rng(seed).permutation(n); for n=10:
-    assert shuffled(list(range(10)), 0) == [4, 6, 2, 7, 3, 5, 9, 0, 8, 1]
-    assert shuffled(list(range(10)), 42) == [5, 6, 0, 7, 3, 2, 4, 9, 1, 8]
+@pytest.mark.parametrize("domain,k,seed", [("movie", 64, 0), ("movie", 256, 42),
+                                             ("book", 16, 1)])
+def test_k_shot_is_hf_datasets_shuffle_select(data_root, domain, k, seed):
+    """TALLRec draws its K shots with `train.shuffle(seed=seed).select(range(K))`: HF
+    datasets itself is the reference, on the real train split."""
+    from datasets import Dataset  # test-only reference (requirements-test.txt)
+
+    path = data_root / "tallrec" / domain / "train.json"
+    ref = Dataset.from_list(json.loads(path.read_text()))
+    expected = ref.shuffle(seed=seed).select(range(k)).to_list()
+    pool = load_domain(domain, "train", data_root)
+    assert k_shot(pool.records, k, seed) == expected
+    assert k_shot_split(pool, k, seed).records == expected
+    whole = ref.shuffle(seed=seed).to_list()
+    assert shuffled(pool.records, seed) == whole == k_shot(pool.records, -1, seed)
 
 
 def test_k_shot_is_seeded_prefix_of_shuffle():

@@ -22,9 +22,12 @@ from model.lora import (
 )
 
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
+# conftest sets TRITON_INTERPRET=1 unless the environment says otherwise: the kernel runs on CPU
+# tensors through the interpreter, or compiled on CUDA tensors with TRITON_INTERPRET=0
+# (bench/gpu_check.sh's way); with neither there is nothing to run it on.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                   reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+needs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 def randomize_lora(model, seed=0, std=0.05):
@@ -77,18 +80,29 @@ def test_tallrec_llama7b_trainable_count():
 
 # --- the layer -----------------------------------------------------------------------------
 
-def test_reference_matches_kernels_reference_bit_for_bit():
-    # The CPU path must draw the same dropout mask as the kernels' contract, from the same RNG.
+def test_cpu_path_is_the_written_out_formula_with_the_kernels_mask():
+    """y = x Wᵀ + s · ((x ⊙ m / (1 - p)) Aᵀ) Bᵀ, m a bool keep-mask drawn as the kernels'
+    contract says (`bernoulli_(1 - p)` on torch's RNG): the layer's CPU path and the
+    kernels' torch reference, against the formula written out here."""
     from kernels.lora import lora_linear_reference
 
-    x, w = torch.randn(3, 5, 24), torch.randn(16, 24)
-    a, b = torch.randn(4, 24), torch.randn(16, 4)
+    x = torch.randn(3, 5, 24)
+    layer = LoRALinear(24, 16, r=4, alpha=8, dropout=0.3, kernel="off").train()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.lora_b.normal_()
+    w, a, b, s = layer.weight, layer.lora_a, layer.lora_b, layer.scale
     for p in (0.0, 0.3):
+        layer.dropout = p
         torch.manual_seed(7)
-        ours = lora_reference(x, w, a, b, 2.0, p)
-        torch.manual_seed(7)
-        theirs = lora_linear_reference(x, w, a, b, 2.0, p)
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p) if p else True
+        expected = x @ w.T + s * (((x * keep / (1 - p)) @ a.T) @ b.T)
+        for path in ("layer", "model.lora", "kernels.lora"):
+            torch.manual_seed(7)
+            with torch.no_grad():
+                got = (layer(x) if path == "layer" else lora_reference(x, w, a, b, s, p)
+                       if path == "model.lora" else lora_linear_reference(x, w, a, b, s, p))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=path)
 
 
 @needs_kernels
@@ -100,8 +114,9 @@ def test_layer_kernel_on_equals_off(p):
     with torch.no_grad():
         layer.weight.normal_(0, 0.2)
         layer.lora_b.normal_(0, 0.2)
-    x = torch.randn(2, 9, 40)
-    dy = torch.randn(2, 9, 24)
+    layer.to(DEVICE)
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    dy = torch.randn(2, 9, 24, device=DEVICE)
     results = {}
     for mode in ("force", "off"):
         layer.kernel = mode
@@ -203,10 +218,10 @@ def train_losses(kernel: str, dropout: float, steps: int = 5):
                          lora=LoRAConfig(r=4, alpha=8, dropout=dropout, targets=ALL))
     set_kernel(model, kernel)
     randomize_lora(model, seed=3)
-    model.train()
+    model.to(DEVICE).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=gen)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=gen).to(DEVICE)
     torch.manual_seed(99)  # dropout masks: the same draws on both paths
     losses = []
     for _ in range(steps):

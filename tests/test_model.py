@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from model import LlamaConfig, load_base
-from model.checkpoint import smollm2_path
 from tests.model_fixtures import hf_reference, write_gguf, write_hf, write_meta
 
 TOL = 1e-4  # max abs logit difference, relative to the logit scale
@@ -64,13 +63,15 @@ def test_sharded_safetensors(tiny, tmp_path):
                                    rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_matches_dequantized_reference(qtype, tmp_path):
     import gguf
 
     cfg = LlamaConfig(max_seq_len=64, **CONFIGS["gqa-untied"])
     hf = hf_reference(cfg)
     path = write_gguf(hf, cfg, tmp_path / "m.gguf", qtype=qtype)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert kinds["blk.0.attn_q.weight"] == qtype  # the file really holds that type
     model, tok = load_base(path)
     assert tok is None  # this GGUF carries no tokenizer
     # The reference is transformers on the same weights after a quantize/dequantize round
@@ -103,13 +104,9 @@ def test_stories260k_matches_transformers(data_root):
         assert_logits_close(model(ids), ref(ids).logits)
 
 
-def test_smollm2_gguf_matches_transformers():
-    from transformers import LlamaForCausalLM
-
-    path = smollm2_path()
-    model, tok = load_base("smollm2-135m")
+def test_smollm2_gguf_matches_transformers(smollm2):
+    model, tok, ref = smollm2
     assert model.cfg.n_layers == 30 and model.cfg.n_kv_heads == 3 and model.cfg.tie_embeddings
-    ref = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     text = 'User Preference: "Toy Story (1995)"\nWhether the user will like "Heat (1995)"?\n'
     ids = torch.tensor([tok.encode(text)])
     with torch.no_grad():

@@ -66,10 +66,11 @@ def test_config_weights_shape_mismatch(tmp_path, hf):
         load_base(folder)
 
 
-def test_unsupported_gguf_quantization(tmp_path, hf):
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_K", "Q6_K"])
+def test_unsupported_gguf_quantization(tmp_path, hf, qtype):
     path = write_gguf(hf, CFG, tmp_path / "m.gguf",
-                      raw_override={"blk.0.attn_q.weight": "Q5_0"})
-    with pytest.raises(CheckpointError, match="blk.0.attn_q.weight uses GGUF type Q5_0"):
+                      raw_override={"blk.0.attn_q.weight": qtype})
+    with pytest.raises(CheckpointError, match=f"blk.0.attn_q.weight uses GGUF type {qtype}"):
         load_base(path)
 
 

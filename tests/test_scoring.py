@@ -1,0 +1,108 @@
+"""engine/scoring.py against independent references: AUC and the other metrics by hand,
+P(Yes) against transformers' LlamaForCausalLM on the real SmolLM2, and its direction."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data.collate import TokenizeConfig, encode_all
+from data.fewshot import load_domain
+from engine.scoring import metrics, score
+from model import load_base
+from tests.references import pairwise_auc
+
+
+@pytest.mark.parametrize("probs,labels,auc", [
+    ([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0], 1.0),
+    ([0.1, 0.3, 0.8, 0.9], [1, 1, 0, 0], 0.0),
+    # pairs (pos, neg): (.7,.6) (.7,.2) (.4,.6) (.4,.2) (.6,.6) (.6,.2) -> 1+1+0+1+0.5+1 = 4.5/6
+    ([0.7, 0.6, 0.4, 0.2, 0.6], [1, 0, 1, 0, 1], 4.5 / 6),
+])
+def test_metrics_by_hand(probs, labels, auc):
+    m = metrics(probs, labels)
+    assert m["auc"] == pytest.approx(auc, abs=1e-12) == pairwise_auc(labels, probs)
+    p, y = np.array(probs), np.array(labels)
+    assert m["accuracy"] == pytest.approx(np.mean((p > 0.5) == (y == 1)))
+    ll = -np.mean([math.log(q) if t else math.log(1 - q) for q, t in zip(p, y, strict=True)])
+    assert m["log_loss"] == pytest.approx(ll)
+    assert (m["n"], m["positives"]) == (len(labels), sum(labels))
+
+
+def test_metrics_random_cases_against_pair_count():
+    rng = np.random.default_rng(0)
+    for n in (7, 30, 101):
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        probs = rng.choice(np.linspace(0, 1, 11), n)  # a coarse grid: many ties
+        assert metrics(probs, labels)["auc"] == pytest.approx(pairwise_auc(labels, probs))
+
+
+def answer_ids_from_training(tok, rows) -> tuple[int, int]:
+    """The first response token the training labels put after a Yes and after a No prompt:
+    what rec-tuning teaches, so what scoring must read."""
+    cfg = TokenizeConfig(train_on_inputs=False)
+    first = {}
+    for r in rows:
+        e = encode_all([r], tok, cfg)[0][0]
+        first[r["output"]] = next(y for y in e.labels if y != -100)
+    return first["Yes."], first["No."]
+
+
+@pytest.fixture(scope="module")
+def smol_rows():
+    """Four real movie test prompts of different lengths (padding in a batch), both labels."""
+    rows = load_domain("movie", "test").records
+    yes = [r for r in rows if r["output"] == "Yes."][:2]
+    no = [r for r in rows if r["output"] == "No."][:2]
+    return [yes[0], no[0], yes[1], no[1]]
+
+
+def test_p_yes_matches_transformers_per_row(smol_rows, smollm2):
+    model, tok, ref = smollm2
+    yes_id, no_id = answer_ids_from_training(tok, smol_rows)
+    examples, _ = encode_all(smol_rows, tok, TokenizeConfig(), eval=True)
+    assert len({len(e.input_ids) for e in examples}) > 1  # the batch really is padded
+    expected = []
+    with torch.no_grad():
+        for e in examples:  # one row at a time, no padding, no position tricks
+            logits = ref(torch.tensor([e.input_ids])).logits[0, -1]
+            expected.append(torch.softmax(logits[[yes_id, no_id]], -1)[0].item())
+    # 4: one padded batch; 3: two batches, put back in the input order
+    for batch_size in (4, 3):
+        probs, labels, _, _ = score(model, tok, smol_rows, batch_size=batch_size,
+                                    autocast_dtype=None, progress=False)
+        np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-4)
+        assert labels.tolist() == [1, 0, 1, 0]
+
+
+class RaisedAnswer(torch.nn.Module):
+    """A model whose logit of one token is raised by `delta` everywhere."""
+
+    def __init__(self, model, token: int, delta: float):
+        super().__init__()
+        self.inner, self.token, self.delta = model, token, delta
+
+    def forward(self, ids, **kw):
+        logits = self.inner(ids, **kw).clone()
+        logits[..., self.token] += self.delta
+        return logits
+
+
+def test_raising_the_yes_logit_raises_the_score(data_root):
+    model, tok = load_base("random:tiny-32k", seed=1, dtype=torch.float32,
+                           tokenizer=data_root / "tokenizer" / "llama" / "tokenizer.model")
+    rows = load_domain("toy", "test").records[:12]
+    yes_id, no_id = answer_ids_from_training(tok, rows)
+    base = score(model, tok, rows, 5, progress=False)[0]
+    up = score(RaisedAnswer(model, yes_id, 2.0), tok, rows, 5, progress=False)[0]
+    down = score(RaisedAnswer(model, no_id, 2.0), tok, rows, 5, progress=False)[0]
+    assert (up > base).all() and (down < base).all()
+
+    def logit(p):
+        return np.log(p) - np.log1p(-p)
+
+    # P(Yes) = sigmoid(l_yes - l_no): the raise moves the log-odds by exactly delta
+    np.testing.assert_allclose(logit(up) - logit(base), 2.0, atol=1e-4)
+    np.testing.assert_allclose(logit(base) - logit(down), 2.0, atol=1e-4)
