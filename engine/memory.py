@@ -35,11 +35,11 @@ import sys
 from dataclasses import dataclass, field
 
 from engine.precision import Precision, get_precision
+from kernels.dispatch import LORA_IMPLS
 from model.config import ConfigError, LlamaConfig
 from model.lora import TARGETS, LoRAConfig
 
 BACKENDS = ("cpu-flash", "flash", "efficient", "math")
-LORA_IMPLS = ("torch", "triton")
 GiB = 1 << 30
 
 
@@ -332,7 +332,8 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
          reserve: str | int = GiB) -> Plan:
     """The memory of one training step. backend: SDPA kernel ('flash'/'efficient' on CUDA,
     'cpu-flash' on CPU, 'math' anywhere; CUDA flash takes no mask, so padded -> efficient).
-    lora_impl: 'triton' (the fused kernel, CUDA) or 'torch' (CPU / use_kernel=False)."""
+    lora_impl: 'triton' (the fused kernel) or 'torch' (cuBLAS + addmm_): what
+    kernels.dispatch.lora_path returns for the model's kernel mode, device and micro-batch."""
     name, cfg = _resolve_config(base)
     prec = get_precision(precision)
     for what, v in (("seq_len", seq_len), ("micro_batch", micro_batch),

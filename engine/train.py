@@ -42,6 +42,7 @@ from engine.state import (
     rng_state,
     set_rng_state,
 )
+from kernels.dispatch import lora_path
 from model import load_base
 from model.adapter import load_adapter, read_adapter_config, save_adapter
 from model.lora import mark_only_lora_trainable
@@ -341,9 +342,12 @@ def plan_memory(cfg: TrainConfig, model, device, policy, seq_len: int):
     budget = cfg.memory_budget
     if budget is None and device.type == "cuda":
         budget = torch.cuda.get_device_properties(device).total_memory
-    lora_impl = "triton" if device.type == "cuda" and cfg.use_kernels else "torch"
+    lora = cfg.lora()
+    # The path the LoRA layers will take for this micro-batch: the layers ask the same function.
+    lora_impl = lora_path(lora.kernel, device.type, policy.compute_dtype or policy.weight_dtype,
+                          cfg.micro_batch_size * seq_len, lora.r)
     backend = "efficient" if device.type == "cuda" else "cpu-flash"
-    kw = dict(lora=cfg.lora(), precision=policy, backend=backend, lora_impl=lora_impl)
+    kw = dict(lora=lora, precision=policy, backend=backend, lora_impl=lora_impl)
     p = plan(model.cfg, seq_len, cfg.micro_batch_size, checkpoint=cfg.checkpointing,
              budget=budget, **kw)
     print(p.table() if budget is not None else f"memory plan: {p.summary()}")

@@ -2,12 +2,13 @@
 
 Hu et al. 2021. `LoRALinear` keeps `nn.Linear`'s `weight` key, so a base checkpoint loads into
 a LoRA model unchanged; the adapter is only `lora_a` (r × in) and `lora_b` (out × r).
-Two paths, one contract (`kernels/lora.py`'s): the fused Triton kernel and plain torch. Both
-draw the dropout mask the same way (a torch bool mask of x's shape, `make_dropout_mask`), so
-from the same RNG state they drop the same elements and "kernels on vs off" can be compared with
-dropout on. `LoRAConfig.kernel` picks the path: "auto" runs the kernel on CUDA tensors where
-`fused_is_faster` says so, "force" runs it on every call (on CPU through TRITON_INTERPRET=1:
-tests), "off" never.
+Two paths, one contract (`kernels/lora.py`'s): the fused Triton kernel and torch (cuBLAS
+x Wᵀ plus an in-place addmm_ of the low-rank term, `kernels.reference.lora_addmm`). Both draw the
+dropout mask the same way (a torch bool mask of x's shape, `make_dropout_mask`), so from the
+same RNG state they drop the same elements and "kernels on vs off" can be compared with dropout
+on. `LoRAConfig.kernel` is the mode `kernels.dispatch.lora_path` decides the path from: "auto"
+runs the kernel on CUDA where it was measured faster, "force" on every call (on CPU through
+TRITON_INTERPRET=1: tests), "off" never.
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.dispatch import KERNEL_MODES, lora_path
+from kernels.reference import lora_addmm, lora_reference, make_dropout_mask
+
+__all__ = ["KERNEL_MODES", "TARGETS", "LoRAConfig", "LoRAError", "LoRALinear", "lora_modules",
+           "lora_reference", "lora_state_dict", "make_dropout_mask", "make_linear", "merge_lora",
+           "mark_only_lora_trainable", "set_kernel", "trainable_summary", "unmerge_lora"]
+
 # Our short target names -> the module names HF/PEFT use.
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
            "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-KERNEL_MODES = ("auto", "force", "off")
 
 
 class LoRAError(ValueError):
@@ -98,16 +105,14 @@ class LoRALinear(nn.Module):
             from kernels.lora import lora_linear
 
             return lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scale, p)
-        return lora_reference(x, self.weight, self.lora_a, self.lora_b, self.scale, p)
+        return lora_addmm(x, self.weight, self.lora_a, self.lora_b, self.scale, p)
 
     def use_fused(self, x: torch.Tensor) -> bool:
-        if self.kernel == "off" or (self.kernel == "auto" and not x.is_cuda):
-            return False
-        if self.kernel == "force":  # the kernel itself says why if it cannot run on x
-            return True
-        from kernels.lora import fused_is_faster
-
-        return fused_is_faster(x.numel() // self.in_features, self.r)
+        # The compute dtype: autocast's where it is on (the kernel then gets that dtype's x).
+        dtype = (torch.get_autocast_dtype(x.device.type)
+                 if torch.is_autocast_enabled(x.device.type) else x.dtype)
+        tokens = x.numel() // self.in_features
+        return lora_path(self.kernel, x.device.type, dtype, tokens, self.r) == "triton"
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -128,26 +133,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
                 f"scale={self.scale:g}, dropout={self.dropout:g}, kernel={self.kernel}")
-
-
-def make_dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool keep-mask of x's shape, each element kept with probability 1 - p (torch RNG).
-
-    One mask for both paths (the Triton kernel takes it as input), not F.dropout, whose RNG
-    use differs: from the same seed the kernel and the torch path drop the same elements."""
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-
-
-def lora_reference(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0,
-                   dropout_mask: torch.Tensor | None = None):
-    """Plain-torch LoRA linear: the CPU path, and the maths `kernels.lora` is checked against
-    (it lives here so the CPU path needs no Triton). The adapters run in the compute dtype, as
-    autocast would (fp32 adapters on a bf16 model)."""
-    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    if dropout_p > 0 and dropout_mask is None:
-        dropout_mask = make_dropout_mask(x, dropout_p)
-    xd = x if dropout_mask is None else x * dropout_mask * (1.0 / (1.0 - dropout_p))
-    return F.linear(x, weight) + scale * F.linear(F.linear(xd, a), b)
 
 
 def make_linear(in_features: int, out_features: int, name: str, lora: LoRAConfig | None):

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from kernels import dispatch, tuning
+from kernels.dispatch import lora_path
 from kernels.lora import (
     LoRAFunction,
     fused_is_faster,
@@ -227,12 +229,24 @@ def test_bad_inputs_raise_clear_errors(fn, name):
         fn(**args)
 
 
-def test_use_triton_and_fallback_rule():
+def test_use_triton_and_fallback_rule(monkeypatch):
     assert not use_triton(torch.empty(2, 3))
     assert use_triton(torch.empty(2, 3), allow_interpreter=True) == INTERPRET
     assert use_triton(torch.empty(2, 3, device="meta"), allow_interpreter=True) is False
-    assert fused_is_faster(4096, 16) and not fused_is_faster(8, 16)
-    assert not fused_is_faster(4096, 256)
+    # Unmeasured (an empty table): "auto" takes the torch (addmm_) path everywhere.
+    monkeypatch.setattr(dispatch, "MEASURED_FASTER", {})
+    assert not fused_is_faster(4096, 16, torch.bfloat16)
+    assert lora_path("auto", "cuda", torch.bfloat16, 4096, 16) == "torch"
+    monkeypatch.setattr(dispatch, "MEASURED_FASTER", {torch.bfloat16: (1024, 64)})
+    assert lora_path("auto", "cuda", torch.bfloat16, 4096, 16) == "triton"
+    assert lora_path("auto", "cuda", torch.bfloat16, 512, 16) == "torch"  # too few rows
+    assert lora_path("auto", "cuda", torch.bfloat16, 4096, 128) == "torch"  # rank too large
+    assert lora_path("auto", "cuda", torch.float16, 4096, 16) == "torch"  # dtype unmeasured
+    assert lora_path("auto", "cpu", torch.bfloat16, 4096, 16) == "torch"
+    assert lora_path("off", "cuda", torch.bfloat16, 4096, 16) == "torch"
+    assert lora_path("force", "cpu", torch.float32, 1, 1) == "triton"
+    with pytest.raises(ValueError, match="kernel mode"):
+        lora_path("on", "cuda", torch.bfloat16, 4096, 16)
     if not INTERPRET and not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             lora_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(1, 4),
@@ -245,6 +259,59 @@ def test_tolerances_can_fail():
     for rel in TOL.values():
         with pytest.raises(AssertionError):
             assert_close_rel(want * (1 + 2 * rel), want, rel)
+
+
+def _fwd_bwd(fn, x, w, a, b, dy, mask):
+    xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
+    y = fn(xi, w, ai, bi, SCALE, 0.25, dropout_mask=mask)
+    y.backward(dy)
+    return y, xi.grad, ai.grad, bi.grad
+
+
+@needs_kernels
+@pytest.mark.parametrize("i", range(len(tuning.GEMM_16BIT)))
+def test_every_tuned_tile_config(monkeypatch, i):
+    # The tuner may pick any candidate on the GPU: each one must give the reference's result,
+    # at a shape that leaves partial tiles in M, N and K.
+    monkeypatch.setattr(tuning, "FORCE", tuning.GEMM_16BIT[i])
+    dev, dt = DEVICES[0], torch.float16
+    g = torch.Generator().manual_seed(i)
+    x, w = torch.randn(130, 72, generator=g), torch.randn(200, 72, generator=g) * 0.2
+    a, b = torch.randn(8, 72, generator=g) * 0.2, torch.randn(200, 8, generator=g) * 0.2
+    dy = torch.randn(130, 200, generator=g)
+    mask = torch.rand(130, 72, generator=g) > 0.25
+    x, w, a, b, dy, mask = (t.to(dev) for t in (x, w, a, b, dy, mask))
+    x, w, a, b, dy = (t.to(dt) for t in (x, w, a, b, dy))
+    got = _fwd_bwd(lora_linear, x, w, a, b, dy, mask)
+    want = _fwd_bwd(lora_linear_reference, *(t.double() for t in (x, w, a, b, dy)), mask)
+    for gt, wt in zip(got, want, strict=True):
+        assert_close_rel(gt, wt, TOL[dt])
+
+
+@needs_kernels
+def test_autotune_times_candidates_and_caches(monkeypatch):
+    # With two interpreter candidates the tuner times both, caches the winner per kernel and
+    # shape, and the result is still the reference's.
+    monkeypatch.setenv("TALLREC_TUNE_INTERPRETER", "1")
+    monkeypatch.setenv("TALLREC_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "_CACHE", {})
+    if not INTERPRET:
+        monkeypatch.setattr(tuning, "GEMM_16BIT", tuning.GEMM_16BIT[:2])
+    dev = DEVICES[0]
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(70, 40, generator=g), torch.randn(90, 40, generator=g) * 0.2
+    a, b = torch.randn(4, 40, generator=g) * 0.2, torch.randn(90, 4, generator=g) * 0.2
+    dy = torch.randn(70, 90, generator=g)
+    mask = torch.rand(70, 40, generator=g) > 0.25
+    x, w, a, b, dy, mask = (t.to(dev) for t in (x, w, a, b, dy, mask))
+    dt = torch.float32 if INTERPRET else torch.float16
+    x, w, a, b, dy = (t.to(dt) for t in (x, w, a, b, dy))
+    got = _fwd_bwd(lora_linear, x, w, a, b, dy, mask)
+    names = sorted(key[0] for key in tuning._CACHE)
+    assert names == ["_lora_bwd_dx_kernel", "_lora_fwd_kernel"], tuning._CACHE
+    want = _fwd_bwd(lora_linear_reference, *(t.double() for t in (x, w, a, b, dy)), mask)
+    for gt, wt in zip(got, want, strict=True):
+        assert_close_rel(gt, wt, TOL[dt])
 
 
 # Compiles the kernels for an H100/H200 (sm_90) with the ptxas bundled in the Triton wheel, no

@@ -105,6 +105,43 @@ def test_cpu_path_is_the_written_out_formula_with_the_kernels_mask():
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=path)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_addmm_path_matches_reference(p):
+    # The layer's torch path (cuBLAS x Wᵀ, then addmm_ of s·xa Bᵀ in place) against the
+    # separate-ops reference: output and every gradient, same mask, fp64 so only maths differs.
+    from kernels.reference import lora_linear_addmm, lora_linear_reference
+
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3, 5, 24, generator=g, dtype=torch.float64), torch.randn(16, 24)
+    a, b = torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g)
+    mask = (torch.rand(3, 5, 24, generator=g) > p) if p else None
+    dy = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    outs = []
+    for fn in (lora_linear_addmm, lora_linear_reference):
+        xi, ai, bi = x.clone().requires_grad_(), a.double().requires_grad_(), b.double()
+        bi.requires_grad_()
+        y = fn(xi, w.double(), ai, bi, 2.0, p, dropout_mask=mask)
+        y.backward(dy)
+        outs.append((y, xi.grad, ai.grad, bi.grad))
+    for got, ref in zip(*outs, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_addmm_path_under_autocast():
+    # bf16 autocast with fp32 adapters, as training runs: the in-place addmm_ is outside
+    # autocast, so it must get operands in y's dtype itself.
+    from kernels.reference import lora_addmm, lora_reference
+
+    x, w = torch.randn(6, 32), torch.randn(8, 32)
+    a, b = torch.randn(4, 32, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = lora_addmm(x, w, a, b, 2.0), lora_reference(x, w, a, b, 2.0)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=0, atol=2e-2 * ref.abs().max().item())
+    y.float().sum().backward()
+    assert a.grad is not None and b.grad.abs().sum() > 0
+
+
 @needs_kernels
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_layer_kernel_on_equals_off(p):
@@ -134,9 +171,9 @@ def test_layer_kernel_on_equals_off(p):
 
 
 def test_forced_kernel_on_unsupported_tensor_says_why(monkeypatch):
-    import kernels.lora
+    import kernels.dispatch
 
-    monkeypatch.setattr(kernels.lora, "_INTERPRET", False)
+    monkeypatch.setattr(kernels.dispatch, "INTERPRET", False)
     layer = LoRALinear(8, 8, r=2, alpha=4, dropout=0.0, kernel="force")
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         layer(torch.randn(3, 8))
