@@ -1,23 +1,31 @@
 """GPU check: LoRA training of LLaMA-7B (random bf16 weights, no download) at seq 512 under the
-memory plan for a 24 GiB card; measured peak vs plan, tokens/s and MFU; the same configuration
-with transformers + peft side by side.
+memory plan for a 24 GiB card, in three phases: ours with the fused kernel forced, ours on the
+torch (cuBLAS + addmm_) path, and transformers + peft on the same configuration.
 
-    python bench/bench_train_7b.py OUT_DIR [--budget 24GiB] [--seq 512] [--peak-tflops 790]
+    python bench/bench_train_7b.py OUT_DIR [--budget 24GiB] [--seq 512] [--cpu-dry-run]
 
-Writes OUT_DIR/bench_train_7b.json. Without CUDA it says so and exits 0. The budget is a 3090's
-24 GiB; an H200 has room for both runs, so "fits" is checked against the plan, not the card.
+Writes OUT_DIR/bench_train_7b.json, rewritten after every phase; each phase runs under its own
+exception handler that records the traceback, and a failed phase never stops the next.
+
+Budget: on CUDA the caching allocator is capped with torch.cuda.set_per_process_memory_fraction
+at budget − the plan's reserve (what it sets aside for the CUDA context and allocator slack), so
+on a 141 GB card "fits in 24 GiB" is what the run proves: a phase that needs more fails with
+out-of-memory, recorded as such. Each phase reports max allocated and reserved bytes against
+the plan.
+
 FLOPs per token: LoRA on a frozen base costs 2N forward + 2N backward (no dW), plus 2N for each
-recomputed block's forward (6N with full checkpointing); N = base matmul parameters (the
-embedding lookup is not a matmul). mfu counts 4N (useful work), hfu counts the recomputation too.
+recomputed block's forward; N = base matmul parameters (the embedding lookup is not a matmul).
+mfu counts 4N (useful work), hfu the recomputation too. Both against the datasheet bf16 peak of
+the detected GPU (bench/common.py) and, as *_vs_cublas, against a measured 8192³ bf16 matmul.
+
+--cpu-dry-run runs every phase on the CPU with a tiny model (the kernel through the Triton
+interpreter: TRITON_INTERPRET=1 must be set), so a crash cannot first show up on the device.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,21 +34,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import (  # noqa: E402
+    datasheet_peak_tflops,
+    error_record,
+    matmul_tflops,
+    run_info,
+    write_json,
+)
 from engine.loss import causal_lm_loss  # noqa: E402
-from engine.memory import choose, fmt_bytes  # noqa: E402
+from engine.memory import choose, fmt_bytes, parse_bytes, plan  # noqa: E402
 from engine.precision import get_precision  # noqa: E402
 from model.config import LlamaConfig  # noqa: E402
 from model.formats.hf import config_to_hf  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.lora import LoRAConfig, lora_modules  # noqa: E402
 
+PHASES = ("ours_kernel", "ours_torch", "hf_peft")
 
-def build_ours(cfg: LlamaConfig, lora: LoRAConfig) -> Llama:
-    """Meta-device build, then random bf16 weights written straight into GPU memory."""
+
+def build_ours(cfg: LlamaConfig, lora: LoRAConfig, device: str) -> Llama:
+    """Meta-device build, then random bf16 weights written straight into device memory."""
     with torch.device("meta"):
         model = Llama(cfg, lora)
-    model = model.to(torch.bfloat16).to_empty(device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # every RMSNorm weight
@@ -48,13 +65,13 @@ def build_ours(cfg: LlamaConfig, lora: LoRAConfig) -> Llama:
             elif not name.endswith(("lora_a", "lora_b")):
                 p.normal_(0.0, 0.02, generator=g)
     for m in lora_modules(model).values():
-        m.reset_lora_parameters(torch.device("cuda"))  # fp32 A (Kaiming), B = 0
+        m.reset_lora_parameters(torch.device(device))  # fp32 A (Kaiming), B = 0
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith(("lora_a", "lora_b")))
     return model
 
 
-def build_hf(cfg: LlamaConfig, lora: LoRAConfig, checkpointing: bool):
+def build_hf(cfg: LlamaConfig, lora: LoRAConfig, checkpointing: bool, device: str):
     import transformers
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -64,7 +81,7 @@ def build_hf(cfg: LlamaConfig, lora: LoRAConfig, checkpointing: bool):
     hf_cfg.use_cache = False
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = transformers.LlamaForCausalLM(hf_cfg)
     finally:
         torch.set_default_dtype(torch.float32)
@@ -77,142 +94,199 @@ def build_hf(cfg: LlamaConfig, lora: LoRAConfig, checkpointing: bool):
     for p in model.parameters():  # adapters in fp32, as ours (peft's default autocast_adapter)
         if p.requires_grad:
             p.data = p.data.float()
+    model.train()
     return model
 
 
-def run(step, params, steps: int, warmup: int, tokens: int) -> dict:
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(step, params, steps: int, warmup: int, tokens: int, device: str) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         step()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
-    return {"step_s_median": median, "step_s_all": times, "tokens_per_s": tokens / median,
-            "max_memory_allocated": torch.cuda.max_memory_allocated(),
-            "max_memory_reserved": torch.cuda.max_memory_reserved()}
+    out = {"step_s_median": median, "step_s_all": times, "tokens_per_s": tokens / median}
+    if device == "cuda":
+        out["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        out["max_memory_reserved"] = torch.cuda.max_memory_reserved()
+    return out
 
 
-def train_ours(cfg, lora, p, ids, steps, warmup) -> dict:
-    model = build_ours(cfg, lora)
-    model.checkpoint_every = p.checkpoint_every
-    prec = get_precision(p.precision)
-
-    def step():
-        with prec.autocast("cuda"):
-            loss, _ = causal_lm_loss(model, ids, None, chunk_size=p.loss_chunk)
-        loss.backward()
-
-    return run(step, [q for q in model.parameters() if q.requires_grad], steps, warmup,
-               ids.numel())
-
-
-def free():
+def free(device: str):
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
-def main(argv=None):
+def cap_memory(budget: int, reserve: int, device: str) -> dict:
+    """Cap the caching allocator at budget − reserve; returns what was set, for the JSON."""
+    if device != "cuda":
+        return {"enforced": False, "why": "no CUDA allocator (CPU dry run)"}
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = budget - reserve
+    fraction = min(1.0, cap / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return {"enforced": fraction < 1.0, "allocator_cap": cap, "fraction": fraction,
+            "device_total": total}
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="folder for bench_train_7b.json")
-    ap.add_argument("--base", default="llama-7b", help="model preset (random weights)")
-    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--base", default=None, help="model preset (random weights); "
+                    "default llama-7b, or tiny with --cpu-dry-run")
+    ap.add_argument("--seq", type=int, default=None, help="default 512 (16 with --cpu-dry-run)")
     ap.add_argument("--budget", default="24GiB", help="memory budget the plan is made for")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the planned one")
     ap.add_argument("--steps", type=int, default=4, help="timed steps (after warmup)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--peak-tflops", type=float, default=790.0,
-                    help="bf16 dense peak of the GPU (H200: ~790 measured)")
-    ap.add_argument("--no-kernel", action="store_true", help="torch LoRA path, not Triton")
-    ap.add_argument("--skip-hf", action="store_true", help="skip transformers + peft")
+    ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds; phases not started by then are recorded as skipped")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="tiny shapes on the CPU, the kernel through the Triton interpreter")
     args = ap.parse_args(argv)
+    if args.cpu_dry_run:
+        args.base, args.seq = args.base or "tiny", args.seq or 16
+        args.micro_batch = args.micro_batch or 2
+        args.steps, args.warmup = 1, 1
+    args.base, args.seq = args.base or "llama-7b", args.seq or 512
+    unknown = set(args.phases.split(",")) - set(PHASES)
+    if unknown:
+        ap.error(f"unknown phases {sorted(unknown)}; choose among {PHASES}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     out_file = args.out / "bench_train_7b.json"
-    if not torch.cuda.is_available():
-        print("bench_train_7b: no CUDA device here; nothing measured (run it on a GPU)")
-        out_file.write_text(json.dumps({"skipped": "no CUDA device"}, indent=2))
+    device = "cpu" if args.cpu_dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench_train_7b: no CUDA device here; nothing measured (run it on a GPU, or "
+              "--cpu-dry-run)")
+        write_json(out_file, {"skipped": "no CUDA device", "dry_run": False})
         return 0
+    if args.cpu_dry_run:
+        from kernels.dispatch import INTERPRET
+
+        if not INTERPRET:
+            print("bench_train_7b: --cpu-dry-run needs TRITON_INTERPRET=1 in the environment",
+                  file=sys.stderr)
+            return 2
 
     cfg = LlamaConfig.from_preset(args.base)
-    lora = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=["q", "v"],
-                      use_kernel=not args.no_kernel)
+    lora = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=["q", "v"], kernel="force")
     prec = get_precision("bf16")
-    kw = dict(backend="flash", lora_impl="torch" if args.no_kernel else "triton", padded=False)
-    p = choose(args.base, args.seq, args.budget, lora, prec, micro_batch=args.micro_batch, **kw)
+    kw = dict(backend="flash", padded=False)
+    p = choose(args.base, args.seq, args.budget, lora, prec, micro_batch=args.micro_batch,
+               lora_impl="triton", **kw)
+    # The torch path at the same micro-batch and checkpointing, for its own prediction.
+    p_torch = plan(args.base, args.seq, p.micro_batch, lora, prec, p.checkpoint, budget=args.budget,
+                   lora_impl="torch", **kw)
     print(p.table(), flush=True)
     B, T = p.micro_batch, args.seq
-    tokens = B * T
     n_matmul = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
-    flops_tok = (4 + 2 * p.recompute_fraction) * n_matmul
-    g = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "config": {"base": args.base, "seq": T, "micro_batch": B, "lora_r": lora.r,
-                   "targets": lora.targets, "dropout": lora.dropout, "precision": "bf16",
-                   "checkpoint": p.checkpoint, "budget": args.budget, "lora_impl": kw["lora_impl"]},
-        "plan": {"peak": p.peak, "peak_allocated": p.peak_allocated, "reserve": p.reserve,
-                 "weights": p.weights, "activations": p.activation_bytes,
-                 "recompute": p.recompute, "backward_temp": p.backward_temp,
-                 "loss_temp": p.loss_temp, "why": p.why, "table": p.table()},
-        "flops_per_token": flops_tok, "peak_tflops": args.peak_tflops,
-    }
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=g)
+    info = run_info(device, args.cpu_dry_run)
+    peak = datasheet_peak_tflops(info["device"]) if device == "cuda" else None
+    cublas = matmul_tflops(device, n=8192 if device == "cuda" else 256)
+    result = dict(info, config={
+        "base": args.base, "seq": T, "micro_batch": B, "lora_r": lora.r, "targets": lora.targets,
+        "dropout": lora.dropout, "precision": "bf16", "checkpoint": p.checkpoint,
+        "budget": args.budget}, datasheet_peak_tflops=peak, measured_cublas_tflops=cublas,
+        memory_cap=cap_memory(parse_bytes(args.budget), p.reserve, device), phases={})
+    plans = {"ours_kernel": p, "ours_torch": p_torch}
+    for name, q in plans.items():
+        result["phases"][name] = {"plan": {
+            "lora_impl": q.lora_impl, "peak": q.peak, "peak_allocated": q.peak_allocated,
+            "reserve": q.reserve, "weights": q.weights, "activations": q.activation_bytes,
+            "fits": q.fits, "table": q.table()}}
+    result["phases"]["hf_peft"] = {"checkpoint": "full" if p.checkpoint_every else "none"}
+    write_json(out_file, result)
 
-    def finish(name, r, fpt):
-        r["mfu"] = r["tokens_per_s"] * 4 * n_matmul / (args.peak_tflops * 1e12)
-        r["hfu"] = r["tokens_per_s"] * fpt / (args.peak_tflops * 1e12)
-        result[name] = r
-        print(f"{name}: {r['tokens_per_s']:,.0f} tokens/s, step {r['step_s_median']:.3f} s, "
-              f"max allocated {fmt_bytes(r['max_memory_allocated'])}, mfu {r['mfu']:.1%}, "
-              f"hfu {r['hfu']:.1%}", flush=True)
+    cap = parse_bytes(args.budget) - p.reserve
 
-    try:
-        finish("ours", train_ours(cfg, lora, p, ids, args.steps, args.warmup), flops_tok)
-        r = result["ours"]
-        r["plan_error"] = (p.peak_allocated - r["max_memory_allocated"]) / r["max_memory_allocated"]
-        print(f"plan predicted {fmt_bytes(p.peak_allocated)} allocated "
-              f"({r['plan_error']:+.1%} vs measured)", flush=True)
-    except torch.cuda.OutOfMemoryError as e:
-        result["ours"] = {"error": f"OOM: {e}"}
-    free()
+    def score(phase: dict, flops_tok: float, plan_=None):
+        for key, rate in (("", peak), ("_vs_cublas", cublas)):
+            tflops = rate * 1e12 if rate else None
+            phase["mfu" + key] = phase["tokens_per_s"] * 4 * n_matmul / tflops if rate else None
+            phase["hfu" + key] = phase["tokens_per_s"] * flops_tok / tflops if rate else None
+        if "max_memory_allocated" in phase:
+            if plan_ is not None:  # the planner's own figure: allocated bytes at the peak
+                phase["allocated_vs_plan"] = phase["max_memory_allocated"] / plan_.peak_allocated
+            # The allocator's reservation against its cap: room left for fragmentation.
+            phase["reserved_vs_cap"] = phase["max_memory_reserved"] / cap
 
-    if not args.skip_hf:
-        try:
-            hf = build_hf(cfg, lora, checkpointing=p.checkpoint_every > 0)
-            hf_params = [q for q in hf.parameters() if q.requires_grad]
-            hf.train()
+    def phase_ours(kernel: str, plan_):
+        model = build_ours(cfg, LoRAConfig(**{**lora.to_dict(), "kernel": kernel}), device)
+        model.checkpoint_every = plan_.checkpoint_every
 
-            def step_hf():
-                with prec.autocast("cuda"):
-                    loss = hf(input_ids=ids, labels=ids).loss
-                loss.backward()
+        def step():
+            with prec.autocast(device):
+                loss, _ = causal_lm_loss(model, ids, None, chunk_size=plan_.loss_chunk)
+            loss.backward()
 
-            fpt_hf = (6 if p.checkpoint_every else 4) * n_matmul
-            finish("hf_peft", run(step_hf, hf_params, args.steps, args.warmup, tokens), fpt_hf)
-            result["hf_peft"]["checkpoint"] = "full" if p.checkpoint_every else "none"
-            del hf, hf_params
-        except torch.cuda.OutOfMemoryError as e:
-            result["hf_peft"] = {"error": f"OOM: {e}"}
-        except ImportError as e:
-            result["hf_peft"] = {"error": f"transformers/peft not importable: {e}"}
-        free()
-    out_file.write_text(json.dumps(result, indent=2))
+        params = [q for q in model.parameters() if q.requires_grad]
+        r = run(step, params, args.steps, args.warmup, B * T, device)
+        score(r, (4 + 2 * plan_.recompute_fraction) * n_matmul, plan_)
+        return r
+
+    def phase_hf():
+        hf = build_hf(cfg, lora, p.checkpoint_every > 0, device)
+
+        def step():
+            with prec.autocast(device):
+                loss = hf(input_ids=ids, labels=ids).loss
+            loss.backward()
+
+        r = run(step, [q for q in hf.parameters() if q.requires_grad], args.steps, args.warmup,
+                B * T, device)
+        score(r, (6 if p.checkpoint_every else 4) * n_matmul)
+        return r
+
+    runners = {"ours_kernel": lambda: phase_ours("force", p),
+               "ours_torch": lambda: phase_ours("off", p_torch), "hf_peft": phase_hf}
+    failed = False
+    for name in args.phases.split(","):
+        phase = result["phases"][name]
+        if args.time_limit is not None and time.monotonic() - t_start > args.time_limit:
+            phase["skipped"] = f"time limit {args.time_limit:.0f} s reached"
+        else:
+            t0 = time.monotonic()
+            try:  # any failure (a Triton compile error on a new toolchain, OOM) is recorded
+                phase.update(runners[name]())
+                mem = (f", max allocated {fmt_bytes(phase['max_memory_allocated'])}"
+                       if "max_memory_allocated" in phase else "")
+                mfu = f", mfu {phase['mfu']:.1%}" if phase["mfu"] is not None else ""
+                print(f"{name}: {phase['tokens_per_s']:,.0f} tokens/s, step "
+                      f"{phase['step_s_median']:.3f} s{mem}{mfu}", flush=True)
+            except Exception as e:  # noqa: BLE001 -- recorded with its traceback, then go on
+                phase.update(error_record(e))
+                failed = True
+                print(f"{name}: FAILED {phase['error']}\n{phase['traceback']}", flush=True)
+            phase["seconds"] = round(time.monotonic() - t0, 1)
+        free(device)
+        write_json(out_file, result)
     print(f"wrote {out_file}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
