@@ -105,7 +105,14 @@ def tuned_gemm(key: tuple, candidates: list[dict], launch) -> dict:
         return candidates[0]
     cfg = _CACHE.get(key)
     if cfg is None:
-        times = [_time_ms(lambda c=c: launch(c)) for c in candidates]
+        times = []
+        for c in candidates[1:]:
+            try:  # a candidate that cannot compile or launch here (shared memory) just loses
+                times.append(_time_ms(lambda c=c: launch(c)))
+            except Exception:  # noqa: BLE001 -- the default below still raises its own error
+                times.append(float("inf"))
+        # The default is timed last and without a guard: if it fails, the caller sees why.
+        times.insert(0, _time_ms(lambda: launch(candidates[0])))
         cfg = _CACHE[key] = candidates[min(range(len(times)), key=times.__getitem__)]
     return cfg
 
