@@ -32,6 +32,8 @@ def use_triton(x: torch.Tensor, *, allow_interpreter: bool = False) -> bool:
 def fused_is_faster(num_tokens: int, rank: int, dtype: torch.dtype) -> bool:
     """True only where bench_lora.py measured the fused kernel faster than cuBLAS + addmm_
     (`MEASURED_FASTER`); unmeasured dtypes and shapes take the torch path."""
+    if dtype not in (torch.float16, torch.bfloat16):  # fp32/fp64: correctness paths only
+        return False
     rule = MEASURED_FASTER.get(dtype)
     return rule is not None and num_tokens >= rule[0] and rank <= rule[1]
 

@@ -242,6 +242,8 @@ def test_use_triton_and_fallback_rule(monkeypatch):
     assert lora_path("auto", "cuda", torch.bfloat16, 512, 16) == "torch"  # too few rows
     assert lora_path("auto", "cuda", torch.bfloat16, 4096, 128) == "torch"  # rank too large
     assert lora_path("auto", "cuda", torch.float16, 4096, 16) == "torch"  # dtype unmeasured
+    monkeypatch.setattr(dispatch, "MEASURED_FASTER", {torch.float32: (1, 64)})
+    assert lora_path("auto", "cuda", torch.float32, 4096, 16) == "torch"  # never fp32
     assert lora_path("auto", "cpu", torch.bfloat16, 4096, 16) == "torch"
     assert lora_path("off", "cuda", torch.bfloat16, 4096, 16) == "torch"
     assert lora_path("force", "cpu", torch.float32, 1, 1) == "triton"
