@@ -36,9 +36,9 @@ Both arguments are estimates: no GPU has measured them yet (bench/bench_lora.py 
 
 This split is the design LoRAFusion (Zhu et al. 2025) argues for: dropout and the
 down-projection fused into one memory-bound pass, the up-projection fused into the base GEMM's
-epilogue. What it cannot win back is a base GEMM slower than cuBLAS: one fixed tile config
-typically reaches 75–85% of cuBLAS at 4096-sized shapes, more than the fusion saves (one (M, N)
-write and re-read, a few % of the step). So the GEMM tiles are autotuned over a small set
+epilogue. What it cannot win back is a base GEMM slower than cuBLAS: one fixed tile config is
+commonly quoted at 75–85% of cuBLAS at 4096-sized shapes (not measured here), more than the
+fusion saves (one (M, N) write and re-read). So the GEMM tiles are autotuned over a small set
 (kernels/tuning.py: four Hopper configs, timed once per shape and cached, warmed before any
 timed region); the down pass, memory-bound, keeps one config. Whether that reaches the 1.2×
 goal over cuBLAS + addmm_ is for the GPU run to say; until it does, `kernels.dispatch` routes
