@@ -95,3 +95,16 @@ def test_failed_kernel_case_is_recorded_and_the_next_still_runs(tmp_path, monkey
     cases = json.loads((tmp_path / "bench_lora.json").read_text())["cases"]
     assert "simulated launch failure" in cases[0]["error"] and cases[0]["traceback"]
     assert cases[1]["fused_speedup_vs_addmm"] == 1.5
+
+
+def test_datasheet_peak_by_device_name():
+    from bench.common import datasheet_peak_tflops
+
+    # torch.cuda.get_device_name() as these cards report themselves.
+    assert datasheet_peak_tflops("NVIDIA H200") == 989.4
+    assert datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert datasheet_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert datasheet_peak_tflops("NVIDIA GeForce RTX 3090") == 71.0
+    # Lower-clocked variants and unknown cards get no datasheet MFU rather than a wrong one.
+    for name in ("NVIDIA H100 PCIe", "NVIDIA H200 NVL", "NVIDIA L4", "cpu"):
+        assert datasheet_peak_tflops(name) is None
