@@ -509,7 +509,7 @@ def main(argv=None):
                     help="SDPA kernel: flash (CUDA; padded batches use efficient), efficient, "
                          "cpu-flash, math")
     ap.add_argument("--lora-impl", default="triton", choices=LORA_IMPLS,
-                    help="LoRA layer: triton (fused kernel, CUDA) or torch (reference path)")
+                    help="LoRA layer: triton (fused kernel) or torch (cuBLAS + addmm_)")
     ap.add_argument("--unpadded", action="store_true",
                     help="batches carry no padding mask (default: padded, as collate_train)")
     ap.add_argument("--reserve", default="1GiB",
