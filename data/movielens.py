@@ -8,13 +8,18 @@ The construction, as in TALLRec's released valid/test files (tests check them by
   history (rating > 3 -> preference, else unpreference), rating i is the target;
 - windows are listed user by user, the last `max_windows` are kept and split 80/10/10 in
   order (int() of 0.8 n and 0.9 n as cut points).
+
+A `select` function (data/history.py: retrieved histories after ReLLa) changes only which
+history items a window shows: it picks history_len of the last `history_pool` ratings before
+the target. Windows, targets, labels and splits stay those of the recent-history build, so
+the two builds pair up row by row.
 """
 
 from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +32,14 @@ class MovieLensConfig:
     max_windows: int | None = 10_000  # None keeps every window
     like_threshold: int = 3  # label = rating > like_threshold
     split: tuple[float, float] = (0.8, 0.9)  # cut points of train | valid | test
+    history_pool: int = 50  # candidates a `select` function chooses from (recent: unused)
 
     def __post_init__(self) -> None:
         if self.history_len < 1:
             raise ValueError(f"history_len must be >= 1, got {self.history_len}")
+        if self.history_pool < self.history_len:
+            raise ValueError(f"history_pool ({self.history_pool}) must be >= history_len "
+                             f"({self.history_len})")
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError(f"max_windows must be >= 1 or None, got {self.max_windows}")
         lo, hi = self.split
@@ -106,8 +115,13 @@ def read_ratings(label: str, raw: bytes) -> list[Rating]:
     return ratings
 
 
+# (candidate item ids, oldest first; target item id) -> positions of the items to show
+HistorySelect = Callable[[list[str], str], list[int]]
+
+
 def build_windows(
-    ratings: list[Rating], titles: dict[str, str], cfg: MovieLensConfig, label: str = "u.data"
+    ratings: list[Rating], titles: dict[str, str], cfg: MovieLensConfig, label: str = "u.data",
+    select: HistorySelect | None = None,
 ) -> list[RecSample]:
     by_user: dict[str, list[Rating]] = {}  # dicts keep first-appearance order
     for n, r in enumerate(ratings, start=1):
@@ -122,6 +136,13 @@ def build_windows(
         liked = [r.rating > cfg.like_threshold for r in rows]
         for i in range(h, len(rows)):
             hist = range(i - h, i)
+            if select is not None:
+                pool = list(range(max(0, i - cfg.history_pool), i))
+                chosen = select([rows[j].item for j in pool], rows[i].item)
+                if len(set(chosen)) != h or not all(0 <= k < len(pool) for k in chosen):
+                    raise ValueError(f"history selector returned {chosen!r}: want {h} distinct "
+                                     f"positions among {len(pool)} candidates")
+                hist = [pool[k] for k in sorted(chosen)]  # shown oldest first, as recent ones
             windows.append(
                 RecSample(
                     preferences=[titles[rows[j].item] for j in hist if liked[j]],
@@ -143,12 +164,15 @@ def split_windows(windows: list, cfg: MovieLensConfig) -> dict[str, list]:
 
 
 def build_movielens(
-    source: Path | str, cfg: MovieLensConfig | None = None
+    source: Path | str, cfg: MovieLensConfig | None = None,
+    make_select: Callable[[dict[str, str]], HistorySelect] | None = None,
 ) -> dict[str, list[RecSample]]:
-    """train/valid/test RecSamples from an ml-100k folder or zip."""
+    """train/valid/test RecSamples from an ml-100k folder or zip. `make_select`, given the
+    item titles (id -> title), returns the history selector (None: the recent history)."""
     cfg = cfg or MovieLensConfig()
     raw = RawFiles(source)
     titles = read_items(*raw.read("u.item"))
     data_label, data_bytes = raw.read("u.data")
     ratings = read_ratings(data_label, data_bytes)
-    return split_windows(build_windows(ratings, titles, cfg, data_label), cfg)
+    select = make_select(titles) if make_select is not None else None
+    return split_windows(build_windows(ratings, titles, cfg, data_label, select), cfg)

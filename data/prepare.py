@@ -1,6 +1,7 @@
 """Build TALLRec-format train/valid/test.json from raw data.
 
     python -m data.prepare movielens [--raw-dir DIR_OR_ZIP] --out DIR
+    python -m data.prepare movielens --history-select semantic [--history-pool 50] --out DIR
     python -m data.prepare bookcrossing --raw-dir DIR --out DIR
     python -m data.prepare toy --out DIR
 
@@ -19,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from data.bookcrossing import BookCrossingConfig, build_bookcrossing
+from data.history import HISTORY_SELECT, semantic_selector_factory
 from data.movielens import MovieLensConfig, build_movielens
 from data.paths import cache_dir
 from data.records import write_records
@@ -91,8 +93,13 @@ def cmd_movielens(args: argparse.Namespace) -> int:
         history_len=args.history_len,
         max_windows=args.max_windows or None,
         like_threshold=args.like_threshold,
+        history_pool=args.history_pool,
     )
-    splits = build_movielens(source, cfg)
+    make_select = None
+    if args.history_select == "semantic":
+        make_select = semantic_selector_factory(cfg.history_len, args.embed_base,
+                                                args.embed_tokenizer)
+    splits = build_movielens(source, cfg, make_select)
     _write_splits(Path(args.out), {k: [s.to_record() for s in v] for k, v in splits.items()})
     return 0
 
@@ -129,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--max-windows", type=int, default=10_000,
                     help="keep the last N windows (0: all)")
     ml.add_argument("--like-threshold", type=int, default=3, help="label = rating > this")
+    ml.add_argument("--history-select", choices=HISTORY_SELECT, default="recent",
+                    help="recent: the history-len ratings before the target (TALLRec); "
+                         "semantic: the history-len of the last --history-pool ratings whose "
+                         "title embeddings are most similar to the target's (after ReLLa)")
+    ml.add_argument("--history-pool", type=int, default=50,
+                    help="semantic: candidates, the last N ratings before the target")
+    ml.add_argument("--embed-base", default="smollm2-135m",
+                    help="semantic: base model whose mean-pooled hidden states embed titles "
+                         "(cached in the tallrec cache)")
+    ml.add_argument("--embed-tokenizer", help="semantic: tokenizer overriding the base's")
     ml.set_defaults(func=cmd_movielens)
 
     bx = sub.add_parser("bookcrossing", help="BookCrossing, as TALLRec's preprocess_book.py")
