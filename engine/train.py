@@ -104,11 +104,12 @@ def step_batches(n: int, cfg: TrainConfig, epoch: int, lengths: list[int]) -> li
 
 
 def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    warmup = cfg.resolved_warmup_steps(total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * (1 - progress)
@@ -212,7 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     # --max-steps stops early without reshaping the schedule, which spans every epoch.
     total_steps_run = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
-    eval_every = cfg.resolved_eval_every()
+    eval_every = cfg.resolved_eval_every(steps_per_epoch)
     save_every = cfg.save_every or eval_every
     plan_memory(cfg, model, device, policy, max(lengths))
 

@@ -127,11 +127,12 @@ class Estimator:
             valid = sum(len(self.pool(p, "valid")) for p in parts)
             n_val = min(cfg.val_size, valid) if cfg.val_size > 0 else valid
         per_step = min(cfg.batch_size, n)
-        steps = math.ceil(n / per_step) * cfg.epochs
+        per_epoch = math.ceil(n / per_step)
+        steps = per_epoch * cfg.epochs
         if cfg.max_steps > 0:
             steps = min(steps, cfg.max_steps)
         samples = min(steps * per_step, n * cfg.epochs)
-        validations = math.ceil(steps / cfg.resolved_eval_every()) if n_val else 0
+        validations = math.ceil(steps / cfg.resolved_eval_every(per_epoch)) if n_val else 0
         return samples * per_row, validations * n_val * per_row
 
     def seconds(self, run: Run) -> float:
