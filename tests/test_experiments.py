@@ -203,10 +203,11 @@ def test_aggregation_by_hand(tmp_path):
     assert cross["mean"] == pytest.approx(0.53) and cross["std"] == pytest.approx(0.0424264, 1e-5)
     assert agg["sasrec", "movie", "movie", 16]["std"] == pytest.approx(np.sqrt(2 * 0.03 ** 2))
     md = write_summary(tmp_path, planned=9).read_text()
-    assert "| TALLRec (IT+RT) | 0.7000 ± 0.1000 | 0.6500 |" in md
-    assert "| Zero-shot (base) | 0.5100 | 0.5100 |" in md
-    assert "| sasrec | 0.5500 ± 0.0424 | — |" in md
-    assert "| TALLRec (IT+RT) | movie | 0.7000 ± 0.1000 | 0.6500 | 0.5300 ± 0.0424 | — |" in md
+    assert "| TALLRec (IT+RT) | 0.7000 ± 0.1000 (n=3) | 0.6500 (n=1) |" in md
+    assert "| Zero-shot (base) | 0.5100 (n=1) | 0.5100 (n=1) |" in md
+    assert "| sasrec | 0.5500 ± 0.0424 (n=2) | — |" in md
+    assert ("| TALLRec (IT+RT) | movie | 0.7000 ± 0.1000 (n=3) | 0.6500 (n=1) | "
+            "0.5300 ± 0.0424 (n=2) | — |") in md
     assert "PARTIAL - 7 of 9 runs finished, 1 failed" in md and "SYNTHETIC" not in md
 
 

@@ -16,11 +16,15 @@ from engine.experiments.grid import EVAL_DOMAINS, PRESETS, TRAIN_DOMAINS, VARIAN
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.experiments", description=__doc__,
-        epilog="examples: --preset cpu-small --plan | --preset paper --base /models/llama-7b "
-               "| --preset tiny --out /tmp/tiny | --summary-only --out results/cpu-small")
+        epilog="examples: --preset cpu --plan | --preset paper --base /models/llama-7b "
+               "| --preset tiny --out /tmp/tiny | --preset cpu --summary-only")
     p.add_argument("--preset", default="cpu-small", choices=list(PRESETS),
-                   help="cpu-small: SmolLM2-135M, K in 16/64/256, RT and IT+RT on movie, tested "
-                        "on movie and book, 1 seed, ~2 h on 2 CPU cores; paper: LLaMA-7B (give "
+                   help="cpu: SmolLM2-135M, K in 64/256/16 (that order), zero-shot/IT/RT/IT+RT "
+                        "rec-tuned on movie and on book, full movie and book test sets, 3 seeds, "
+                        "rt-cpu/it-cpu schedules, semantic-history variants on movie: many "
+                        "hours (--plan prints the ETA); cpu-small: SmolLM2-135M, K in 16/64/256, "
+                        "RT and IT+RT on movie, tested on movie and book, 1 seed, ~40 min on 2 "
+                        "CPU cores, too few steps to learn; paper: LLaMA-7B (give "
                         "--base), K 1..256, train on movie/book/both, 5 seeds, a GPU; tiny: a "
                         "random 2-layer model on the synthetic toy domain (tests)")
     p.add_argument("--base", help="base model (any train.py --base: preset, HF/Meta folder, "
@@ -35,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rec-tuning domains (both = K shots from each of movie and book)")
     p.add_argument("--eval-domains", nargs="+", choices=EVAL_DOMAINS,
                    help="test splits every adapter is scored on (in- and cross-domain)")
+    p.add_argument("--semantic-variants", nargs="*", choices=VARIANTS,
+                   help="variants also run on movie with semantic (retrieved, ReLLa) "
+                        "histories; none: no semantic runs")
     p.add_argument("--out", help="results folder: runs/ cache, summary.md, figures")
     p.add_argument("--eval-limit", type=int,
                    help="test rows per domain, a fixed seed-0 sample (-1 = all)")
@@ -128,10 +135,21 @@ def main(argv: list[str] | None = None) -> int:
             sample_budget=args.sample_budget, device=args.device, precision=args.precision,
             data_root=args.data_root, train_tokens_per_s=args.train_tokens_per_s,
             eval_tokens_per_s=args.eval_tokens_per_s, it=parse_settings(args.it),
-            rt=parse_settings(args.rt))
-        planned = len(plan_runs(grid))
+            rt=parse_settings(args.rt), semantic_variants=args.semantic_variants)
+        planned = plan_runs(grid)
+        baseline_files = [*grid.baseline_results, *args.baseline_results]
+        for f in [f for f in baseline_files if not Path(f).is_file()]:
+            print(f"note: baseline results {f} not found (run from the repo root, or make it "
+                  f"with `python -m baselines`); Table 2 goes without them")
+            baseline_files.remove(f)
+
+        def summarize():
+            return write_summary(grid.out, planned, title=f"{args.preset} ({grid.base})",
+                                 baseline_files=baseline_files)
+
         if not args.summary_only:
-            run_grid(grid, progress=not args.no_progress, plan_only=args.plan)
+            run_grid(grid, progress=not args.no_progress, plan_only=args.plan,
+                     on_result=summarize)
             if args.plan:
                 return 0
         if args.baselines:
@@ -139,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = write_summary(grid.out, planned, title=f"{args.preset} ({grid.base})",
-                         baseline_files=args.baseline_results)
-    print(f"summary: {path}")
+    print(f"summary: {summarize()}")
     return 0
 
 

@@ -140,11 +140,16 @@ class Estimator:
         return trained / self.train_rate + scored / self.eval_rate + self.grid.load_seconds
 
     def plan_table(self, runs: list[Run], status: dict, seconds: dict) -> str:
-        lines = [f"{'run':34} {'status':7} {'train tok':>10} {'scored tok':>10} {'est.':>8}"]
+        # cum.: time until this run is done, counting the runs still to run before it (the
+        # grid runs in this order, so a partial grid's results can be read off this column)
+        lines = [f"{'run':40} {'status':7} {'train tok':>10} {'scored tok':>10} {'est.':>8} "
+                 f"{'cum.':>8}"]
+        cum = 0.0
         for r in runs:
             t, s = self.tokens(r)
-            lines.append(f"{r.name:34} {status[r.name]:7} {t:10.0f} {s:10.0f} "
-                         f"{fmt_s(seconds[r.name]):>8}")
+            cum += seconds[r.name] if status[r.name] != "done" else 0.0
+            lines.append(f"{r.name:40} {status[r.name]:7} {t:10.0f} {s:10.0f} "
+                         f"{fmt_s(seconds[r.name]):>8} {fmt_s(cum):>8}")
         todo = [r for r in runs if status[r.name] != "done"]
         eta = sum(seconds[r.name] for r in todo)
         lines.append(f"{len(runs)} runs, {len(runs) - len(todo)} cached, {len(todo)} to run; "

@@ -9,6 +9,10 @@ The `it` run is trained once per seed and shared by `it` and every `it+rt` run o
 Every rec-tuned adapter is scored on every evaluation domain (Fig. 5: train on movie, book or
 both, test on each).
 
+Semantic histories (`semantic_variants`, movie only): the same variants on the movie data
+rebuilt with retrieved histories (data/history.py, after ReLLa): same windows, targets,
+labels and K-shot rows, only the 10 history items shown differ; scored on that build's test.
+
 A run is identified by its readable name (`rt-movie-k16-s0`) and cached under that name with
 the hash of its full config: see runner.py.
 """
@@ -21,12 +25,17 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from data.history import HISTORY_SELECT
 from data.paths import default_data_root
 from engine.config import PRESETS as TRAIN_PRESETS
 from engine.config import TrainConfig
 from model.config import DEFAULT_BASE
 
 VARIANTS = ("zero-shot", "it", "rt", "it+rt")
+# ETA rates of the `cpu` preset until its own finished runs measure better ones: what the
+# committed cpu-small runs measured here (SmolLM2-135M, fp32, 2 cores shared with another
+# job); bf16 on idle cores is about 2-3x faster, so this ETA is an upper bound.
+TRAIN_TOK_S_CPU, EVAL_TOK_S_CPU, LOAD_S_CPU = 170.0, 460.0, 10.0
 TRAIN_DOMAINS = ("movie", "book", "both", "toy")
 EVAL_DOMAINS = ("movie", "book", "toy")
 # Keys of a TrainConfig that name where a run lives or how it logs, not what it computes.
@@ -42,8 +51,18 @@ class GridConfig:
     train_domains: list[str] = field(default_factory=lambda: ["movie"])
     eval_domains: list[str] = field(default_factory=lambda: ["movie", "book"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    it: dict = field(default_factory=dict)  # TrainConfig overrides on the `it` preset
-    rt: dict = field(default_factory=dict)  # TrainConfig overrides on the `rt` preset
+    it: dict = field(default_factory=dict)  # TrainConfig overrides on the it_preset
+    rt: dict = field(default_factory=dict)  # TrainConfig overrides on the rt_preset
+    it_preset: str = "it"  # engine.config.PRESETS entry stage 1 starts from
+    rt_preset: str = "rt"
+    # Order K values run in (default: ascending); a partial grid is most useful when the
+    # K the paper discusses most comes first.
+    shot_order: list[int] = field(default_factory=list)
+    # Variants also run on movie with semantic (retrieved) histories; [] = none.
+    semantic_variants: list[str] = field(default_factory=list)
+    semantic_data: str | None = None  # built there on first use; default <out>/data/...
+    history_pool: int = 50  # semantic: candidates, the last N ratings before the target
+    baseline_results: list[str] = field(default_factory=list)  # baselines CLI JSON files
     # Each rec-tuning run sees at least this many samples: epochs = ceil(budget / K), capped
     # by the rt epochs (0 = off: the rt epochs as given). Keeps small K from a 1-step run.
     sample_budget: int = 0
@@ -80,12 +99,26 @@ class GridConfig:
             raise ValueError(f"--shots must be >= 1, got {self.shots}")
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
+        bad = [v for v in self.semantic_variants if v not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown semantic variant {bad[0]!r}; known: {', '.join(VARIANTS)}")
+        if self.semantic_variants and "movie" not in self.eval_domains:
+            raise ValueError("semantic histories are built for movie: add movie to "
+                             "--eval-domains or drop --semantic-variants")
+        for name in ("it_preset", "rt_preset"):
+            stage = name[:2]
+            if TRAIN_PRESETS.get(getattr(self, name), {}).get("stage") != stage:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a {stage} preset of "
+                                 f"engine.config.PRESETS ({', '.join(TRAIN_PRESETS)})")
         known = {f.name for f in fields(TrainConfig)}
         for stage in ("it", "rt"):
             bad = sorted(set(getattr(self, stage)) - known)
             if bad:
                 raise ValueError(f"unknown {stage} setting(s) {bad}; known: TrainConfig fields")
         self.shots = sorted(set(self.shots))
+        if sorted(set(self.shot_order)) not in ([], self.shots):
+            raise ValueError(f"shot_order {self.shot_order} must list the shots {self.shots}")
+        self.shot_order = list(dict.fromkeys(self.shot_order)) or list(self.shots)
         self.seeds = sorted(set(self.seeds))
         if self.tokenizer is None and self.base.startswith("random:"):
             root = Path(self.data_root) if self.data_root else default_data_root()
@@ -94,14 +127,36 @@ class GridConfig:
     def synthetic(self) -> bool:
         return "toy" in self.train_domains or "toy" in self.eval_domains
 
+    def semantic_dir(self) -> Path:
+        return Path(self.semantic_data or Path(self.out) / "data" / "movie-semantic")
 
-# A `paper` run needs a GPU and LLaMA-7B weights; `cpu-small` is sized for 2 CPU cores in
-# about 2 hours (see results/README.md for the arithmetic); `tiny` drives the tests.
+    def semantic_spec(self) -> dict:
+        """What determines the semantic build (hashed into every run that reads it)."""
+        return {"select": HISTORY_SELECT[1], "history_len": 10, "pool": self.history_pool,
+                "embed_base": self.base, "embed_tokenizer": self.tokenizer,
+                "folder": str(self.semantic_dir())}
+
+
+# A `paper` run needs a GPU and LLaMA-7B weights; `cpu` is TALLRec's grid with a schedule
+# that learns on 2 CPU cores (many hours; results/README.md gives the sizing); `cpu-small`
+# a 40-minute cut that shows the mechanism, not learning; `tiny` drives the tests.
 PRESETS: dict[str, dict] = {
     "paper": dict(base=None, shots=[1, 2, 4, 8, 16, 32, 64, 128, 256],
                   train_domains=["movie", "book", "both"], eval_domains=["movie", "book"],
                   seeds=[0, 1, 2, 3, 4], device="cuda", train_tokens_per_s=3000.0,
                   eval_tokens_per_s=12000.0, load_seconds=60.0, out="results/paper"),
+    "cpu": dict(
+        base="smollm2-135m", shots=[16, 64, 256], shot_order=[64, 256, 16],
+        train_domains=["movie", "book"], eval_domains=["movie", "book"], seeds=[0, 1, 2],
+        device="cpu", precision="bf16",
+        eval_limit=-1,  # full test sets: movie 1,000 rows, book all 2,427
+        it_preset="it-cpu", rt_preset="rt-cpu",
+        rt=dict(patience=3),  # early stop after 3 validations (6 epochs) without a better AUC
+        semantic_variants=["zero-shot", "rt", "it+rt"],
+        baseline_results=["results/baselines_movie.json", "results/baselines_book.json"],
+        # measured here, see results/README.md; finished runs replace them
+        train_tokens_per_s=TRAIN_TOK_S_CPU, eval_tokens_per_s=EVAL_TOK_S_CPU,
+        load_seconds=LOAD_S_CPU, out="results/cpu"),
     "cpu-small": dict(
         base=DEFAULT_BASE, shots=[16, 64, 256], train_domains=["movie"],
         eval_domains=["movie", "book"], seeds=[0], device="cpu", precision="fp32",
@@ -154,8 +209,9 @@ def spec_hash(spec: dict) -> str:
 
 
 def train_config(grid: GridConfig, stage: str, seed: int, domain: str = "movie",
-                 shots: int = 64) -> TrainConfig:
-    values = {**TRAIN_PRESETS[stage], **getattr(grid, stage)}
+                 shots: int = 64, semantic: bool = False) -> TrainConfig:
+    preset = grid.it_preset if stage == "it" else grid.rt_preset
+    values = {**TRAIN_PRESETS[preset], **getattr(grid, stage)}
     values.update(base=grid.base, tokenizer=grid.tokenizer, seed=seed, device=grid.device,
                   precision=grid.precision, data_root=grid.data_root)
     if stage == "rt":
@@ -165,19 +221,32 @@ def train_config(grid: GridConfig, stage: str, seed: int, domain: str = "movie",
                                    max(1, math.ceil(grid.sample_budget / shots)))
         if "cutoff_len" not in grid.rt:  # the prompts scored at test time get the same cutoff
             values["cutoff_len"] = grid.cutoff_len
+        if semantic:  # same K-shot rows of the same windows, retrieved histories
+            folder = grid.semantic_dir()
+            values.update(data=str(folder / "train.json"), val_data=str(folder / "valid.json"))
     return TrainConfig(**values)
 
 
+# TrainConfig fields added after grids were cached: left out of the hash at their "off"
+# value, so those caches stay valid.
+HASHED_WHEN_ON = {"warmup_ratio": 0.0, "eval_every_epochs": 0}
+
+
 def _hashed(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in NOT_HASHED}
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in NOT_HASHED and not (k in HASHED_WHEN_ON and v == HASHED_WHEN_ON[k])}
 
 
 def plan_runs(grid: GridConfig) -> list[Run]:
-    """All runs in execution order: results arrive in a useful order (zero-shot, then
-    per seed the IT run and the rec-tuning runs by increasing K), and every run comes after
-    the run it needs."""
+    """All runs in execution order, every run after the run it needs. Results arrive in an
+    order that makes a partial grid useful: zero-shot; then per training domain and K in
+    `shot_order` (on movie: recent, then semantic histories, a paired comparison per K),
+    every seed's rec-tuning runs, each with its in-domain test (the `it` run of a seed comes
+    when first needed); cross-domain tests (Fig. 5) last."""
     runs: list[Run] = []
     by_name: dict[str, Run] = {}
+    sem = grid.semantic_spec() if grid.semantic_variants else None
+    deferred: list[tuple] = []  # cross-domain evaluations
 
     def add(run: Run) -> Run:
         if run.needs is not None:  # a dependency's identity is part of this run's config
@@ -186,37 +255,64 @@ def plan_runs(grid: GridConfig) -> list[Run]:
         by_name[run.name] = run
         return run
 
-    def add_evals(source: str | None, meta: dict):
-        for d in grid.eval_domains:
-            spec = {"kind": "eval", "base": grid.base, "tokenizer": grid.tokenizer,
-                    "domain": d, "split": "test", "limit": grid.eval_limit, "limit_seed": 0,
-                    "cutoff_len": grid.cutoff_len, "batch_size": grid.eval_batch_size,
-                    "device": grid.device, "precision": grid.precision,
-                    "data_root": grid.data_root}
-            prefix = source or "zero-shot"
-            add(Run(f"eval-{prefix}-on-{d}", "eval", spec, {**meta, "eval_domain": d},
-                    needs=source))
+    def add_eval(source: str | None, meta: dict, d: str, semantic: bool = False):
+        spec = {"kind": "eval", "base": grid.base, "tokenizer": grid.tokenizer,
+                "domain": d, "split": "test", "limit": grid.eval_limit, "limit_seed": 0,
+                "cutoff_len": grid.cutoff_len, "batch_size": grid.eval_batch_size,
+                "device": grid.device, "precision": grid.precision,
+                "data_root": grid.data_root}
+        meta = {**meta, "eval_domain": d}
+        if semantic:
+            spec["history"], meta["history"] = sem, "semantic"
+        name = f"eval-{source or 'zero-shot'}-on-{d}" + ("-sem" if semantic else "")
+        add(Run(name, "eval", spec, meta, needs=source))
+
+    def ensure_it(seed: int) -> str:
+        name = f"it-s{seed}"
+        if name not in by_name:
+            cfg = train_config(grid, "it", seed)
+            add(Run(name, "train", {"kind": "train", "config": _hashed(cfg)},
+                    {"variant": "it", "seed": seed}, cfg=cfg))
+            meta = {"variant": "it", "seed": seed}
+            for d in grid.eval_domains if "it" in grid.variants else []:
+                add_eval(name, meta, d)
+            if "it" in grid.semantic_variants:
+                add_eval(name, meta, "movie", semantic=True)
+        return name
 
     if "zero-shot" in grid.variants:
-        add_evals(None, {"variant": "zero-shot"})
-    for seed in grid.seeds:
-        it_name = f"it-s{seed}"
-        if "it" in grid.variants or "it+rt" in grid.variants:
-            cfg = train_config(grid, "it", seed)
-            add(Run(it_name, "train", {"kind": "train", "config": _hashed(cfg)},
-                    {"variant": "it", "seed": seed}, cfg=cfg))
-        if "it" in grid.variants:
-            add_evals(it_name, {"variant": "it", "seed": seed})
-        for shots in grid.shots:
-            for domain in grid.train_domains:
-                for variant in ("rt", "it+rt"):
-                    if variant not in grid.variants:
-                        continue
-                    cfg = train_config(grid, "rt", seed, domain, shots)
-                    name = f"{variant.replace('+', '')}-{domain}-k{shots}-s{seed}"
-                    meta = {"variant": variant, "train_domain": domain, "shots": shots,
-                            "seed": seed}
-                    add(Run(name, "train", {"kind": "train", "config": _hashed(cfg)}, meta,
-                            needs=it_name if variant == "it+rt" else None, cfg=cfg))
-                    add_evals(name, meta)
+        for d in grid.eval_domains:
+            add_eval(None, {"variant": "zero-shot"}, d)
+    if "zero-shot" in grid.semantic_variants:
+        add_eval(None, {"variant": "zero-shot"}, "movie", semantic=True)
+    with_semantic = bool({"rt", "it+rt"} & set(grid.semantic_variants))
+    for domain in grid.train_domains:
+        for shots in grid.shot_order:
+            for semantic in (False, True) if domain == "movie" and with_semantic else (False,):
+                for seed in grid.seeds:
+                    for variant in [v for v in ("rt", "it+rt")
+                                    if v in (grid.semantic_variants if semantic
+                                             else grid.variants)]:
+                        needs = ensure_it(seed) if variant == "it+rt" else None
+                        cfg = train_config(grid, "rt", seed, domain, shots, semantic)
+                        tag = domain + ("-sem" if semantic else "")
+                        name = f"{variant.replace('+', '')}-{tag}-k{shots}-s{seed}"
+                        meta = {"variant": variant, "train_domain": domain, "shots": shots,
+                                "seed": seed, **({"history": "semantic"} if semantic else {})}
+                        spec = {"kind": "train", "config": _hashed(cfg),
+                                **({"history": sem} if semantic else {})}
+                        add(Run(name, "train", spec, meta, needs=needs, cfg=cfg))
+                        if semantic:  # its test is movie's semantic build only
+                            add_eval(name, meta, "movie", semantic=True)
+                            continue
+                        for d in grid.eval_domains:
+                            if d == domain or domain == "both":
+                                add_eval(name, meta, d)
+                            else:
+                                deferred.append((name, meta, d))
+    if "it" in grid.variants:  # an IT-only grid: no rec-tuning run pulled them in
+        for seed in grid.seeds:
+            ensure_it(seed)
+    for name, meta, d in deferred:
+        add_eval(name, meta, d)
     return runs

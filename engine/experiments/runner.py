@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from data.paths import default_data_root
 from engine.experiments.eta import Estimator, fmt_s
 from engine.experiments.grid import GridConfig, Run, plan_runs
 from engine.state import atomic_write_json, find_dir
@@ -99,8 +103,39 @@ def tee_to(path: Path, show: bool):
         yield log
 
 
-def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False) -> dict:
-    """Plan, print the plan with an ETA, run what is not cached; -> counts and statuses."""
+def ensure_semantic_data(grid: GridConfig) -> Path:
+    """The movie splits with retrieved histories, built once into grid.semantic_dir() (all
+    three files appear together: built in a side folder, then renamed; the build is
+    deterministic, so when two processes race, either copy is the same)."""
+    folder = grid.semantic_dir()
+    if all((folder / f"{s}.json").is_file() for s in ("train", "valid", "test")):
+        return folder
+    from data.history import semantic_selector_factory
+    from data.movielens import MovieLensConfig, build_movielens
+    from data.records import write_records
+
+    root = Path(grid.data_root) if grid.data_root else default_data_root()
+    spec = grid.semantic_spec()
+    print(f"building movie splits with semantic histories into {folder} (once)", flush=True)
+    splits = build_movielens(root / "raw" / "ml-100k",
+                             MovieLensConfig(history_len=spec["history_len"],
+                                             history_pool=spec["pool"]),
+                             semantic_selector_factory(spec["history_len"], grid.base,
+                                                       grid.tokenizer))
+    part = folder.with_name(f"{folder.name}.part-{os.getpid()}")  # one per process
+    for name, samples in splits.items():
+        write_records(part / f"{name}.json", [s.to_record() for s in samples])
+    try:
+        part.rename(folder)
+    except OSError:  # another process finished the same build first: keep its copy
+        shutil.rmtree(part)
+    return folder
+
+
+def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
+             on_result: Callable[[], None] | None = None) -> dict:
+    """Plan, print the plan with an ETA, run what is not cached; -> counts and statuses.
+    `on_result` is called after every finished run (the CLI rewrites the summary there)."""
     runs = plan_runs(grid)
     est = Estimator(grid)
     est.check_pools()  # shots larger than a training pool: an error before any work
@@ -129,6 +164,8 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False) -
         try:
             if run.needs is not None and run.needs not in adapters:
                 raise RuntimeError(f"needs {run.needs}, which did not finish (see its log)")
+            if "history" in run.spec:
+                ensure_semantic_data(grid)
             with tee_to(folder / "log.txt", progress):
                 payload = execute(grid, run, adapters, status[run.name], progress)
             result = {"status": "ok", **payload}
@@ -150,6 +187,8 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False) -
             print("  done in " + fmt_s(took) + (f": AUC {result['auc']:.4f}"
                                                  if result.get("auc") is not None else ""))
         left -= seconds[run.name]
+        if on_result is not None:
+            on_result()
     counts["seconds"] = round(time.time() - t_start, 1)
     print(f"grid: {counts['ran']} ran, {counts['cached']} cached, {counts['failed']} failed "
           f"in {fmt_s(counts['seconds'])}")
@@ -177,7 +216,8 @@ def execute_train(grid, run: Run, adapters, state: str, progress: bool) -> dict:
 def execute_eval(grid: GridConfig, run: Run, adapter: str | None) -> dict:
     """Score the test split with the base (zero-shot) or an adapter; evaluate.py's result
     format (auc, n, positives, accuracy, log_loss, probs, labels)."""
-    from data.fewshot import k_shot, load_domain
+    from data.fewshot import Split, k_shot, load_domain
+    from data.records import load_records
     from engine.precision import resolve_precision
     from engine.scoring import metrics, score, summary_line
     from model import load_base
@@ -185,6 +225,9 @@ def execute_eval(grid: GridConfig, run: Run, adapter: str | None) -> dict:
 
     spec = run.spec
     split = load_domain(spec["domain"], spec["split"], grid.data_root)
+    if "history" in spec:  # the same rows with retrieved histories
+        path = Path(spec["history"]["folder"]) / f"{spec['split']}.json"
+        split = Split(split.domain, split.split, load_records(path, rec=True), str(path))
     records = split.records
     if 0 < spec["limit"] < len(records):
         # a fixed sample (not the first rows: files list users in order), same for every run

@@ -11,20 +11,32 @@ on the synthetic toy domain say so in every title and heading.
 
 Baseline rows (GRU4Rec, Caser, SASRec, ...) come from <out>/baselines/*.json and any file
 given: baselines.run_baseline_grid's result dicts (a list, or under "results" as the
-baselines CLI writes them), or plain {"method", "domain", "shots", "seed", "auc"} rows.
+baselines CLI writes them), or plain {"method", "domain", "shots", "seed", "auc"} rows. The
+no-training "share of liked history items" rule comes with them (`like_rate_test_auc`).
+
+Runs on movie with semantic (retrieved) histories are methods of their own ("<variant>|sem"),
+and a table gives their paired difference to recent histories: the same seed draws the same
+K windows in both builds, so semantic - recent per seed isolates the history choice.
+
+Every file is written whole or not at all (temporary file, then rename): a grid stopped at
+any moment leaves the previous summary in place, never a half-written one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 LABELS = {"zero-shot": "Zero-shot (base)", "it": "IT only (Alpaca-LoRA)", "rt": "RT only",
-          "it+rt": "TALLRec (IT+RT)"}
+          "it+rt": "TALLRec (IT+RT)", "zero-shot|sem": "Zero-shot, semantic history",
+          "rt|sem": "RT, semantic history (ReLLa)", "it+rt|sem": "IT+RT, semantic history (ReLLa)"}
+LIKE_RATE = "share of liked history items (no training)"
+FIXED = ("zero-shot", "it", "zero-shot|sem", LIKE_RATE)  # one value per test domain, no K
 DOMAIN_ORDER = ("movie", "book", "both", "toy")
 SYNTHETIC_NOTE = "SYNTHETIC toy data - not a real benchmark"
 
@@ -38,7 +50,8 @@ def collect(out: Path, baseline_files=()) -> tuple[list[dict], dict]:
         if r["status"] != "ok" or r["kind"] != "eval" or r.get("auc") is None:
             continue
         m = r["meta"]
-        rows.append({"method": m["variant"], "train_domain": m.get("train_domain"),
+        method = m["variant"] + ("|sem" if m.get("history") == "semantic" else "")
+        rows.append({"method": method, "train_domain": m.get("train_domain"),
                      "eval_domain": m["eval_domain"], "shots": m.get("shots"),
                      "seed": m.get("seed"), "auc": r["auc"],
                      "synthetic": bool(r.get("synthetic_data"))})
@@ -51,14 +64,20 @@ def baseline_rows(obj) -> list[dict]:
     """baselines.run_baseline_grid's results (one dict per model, domain and K with per-seed
     test AUCs), as a list or under "results", or plain {method, domain, shots, seed, auc}."""
     items = obj["results"] if isinstance(obj, dict) else obj
-    rows = []
+    rows, like_rate = [], {}
     for b in items:
+        if b.get("like_rate_test_auc") is not None:  # the same rule on the same test set
+            like_rate[b["domain"]] = b["like_rate_test_auc"]
         per_seed = b.get("per_seed") or [{"seed": b.get("seed"), "test_auc": b["auc"]}]
         for s in per_seed:
             rows.append({"method": b.get("model") or b["method"], "train_domain": b["domain"],
                          "eval_domain": b["domain"], "shots": b["shots"], "seed": s["seed"],
                          "auc": s["test_auc"], "synthetic": b["domain"] == "toy",
                          "baseline": True})
+    for d, a in like_rate.items():
+        rows.append({"method": LIKE_RATE, "train_domain": None, "eval_domain": d,
+                     "shots": None, "seed": None, "auc": a, "synthetic": d == "toy",
+                     "baseline": True})
     return rows
 
 
@@ -76,12 +95,44 @@ def cell(agg: dict, key) -> str:
     g = agg.get(key)
     if g is None:
         return "—"
-    return f"{g['mean']:.4f}" + (f" ± {g['std']:.4f}" if g["std"] is not None else "")
+    return f"{g['mean']:.4f}" + (f" ± {g['std']:.4f}" if g["std"] is not None else "") \
+        + f" (n={g['n']})"
+
+
+def planned_cells(runs) -> dict:
+    """(method, train domain, eval domain, K) -> seeds planned, from a grid's eval runs."""
+    cells = defaultdict(set)
+    for r in runs:
+        if r.kind == "eval":
+            m = r.meta
+            method = m["variant"] + ("|sem" if m.get("history") == "semantic" else "")
+            cells[method, m.get("train_domain"), m["eval_domain"], m.get("shots")].add(
+                m.get("seed"))
+    return {k: len(v) for k, v in cells.items()}
+
+
+def semantic_table(rows: list[dict]) -> str:
+    """Semantic minus recent histories on the movie test, paired by seed (same K rows)."""
+    auc = {(r["method"], r["shots"], r["seed"]): r["auc"] for r in rows
+           if r["eval_domain"] == "movie" and r["train_domain"] in (None, "movie")}
+    cols = [None] + sorted({k for (m, k, _) in auc if m.endswith("|sem") and k is not None})
+    lines = ["| variant | " + " | ".join("no training" if k is None else f"{k}-shot"
+                                        for k in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for m in ("zero-shot", "rt", "it+rt"):
+        cells = []
+        for k in cols:
+            d = [a - auc[m, k, s] for (mm, kk, s), a in auc.items()
+                 if mm == f"{m}|sem" and kk == k and (m, k, s) in auc]
+            std = f" ± {np.std(d, ddof=1):.4f}" if len(d) > 1 else ""
+            cells.append(f"{np.mean(d):+.4f}{std} (n={len(d)})" if d else "—")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _key(method: str, domain: str, shots) -> tuple:
-    # zero-shot and IT do not depend on K (nor IT on a training domain): one value per column
-    if method in ("zero-shot", "it"):
+    # zero-shot, IT and the like-rate rule do not depend on K (nor on a training domain)
+    if method in FIXED:
         return (method, None, domain, None)
     return (method, domain, domain, shots)
 
@@ -94,7 +145,8 @@ def table2(rows: list[dict], agg: dict) -> str:
     """Methods x (in-domain test domain, K): TALLRec's Table 2."""
     domains = _ordered({r["eval_domain"] for r in rows})
     shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
-    baselines = sorted({r["method"] for r in rows if r.get("baseline")})
+    baselines = sorted({r["method"] for r in rows if r.get("baseline")}, key=lambda m:
+                       (m == LIKE_RATE, m))
     methods = baselines + [m for m in LABELS if any(r["method"] == m for r in rows)]
     cols = [(d, k) for d in domains for k in shots] or [(d, None) for d in domains]
     head = "| method | " + " | ".join(f"{_dname(d, rows)} {k}-shot" if k else _dname(d, rows)
@@ -126,26 +178,38 @@ def _dname(domain: str, rows) -> str:
     return f"{domain} (SYNTHETIC)" if domain == "toy" else domain
 
 
-def write_summary(out: Path | str, planned: int | None = None, title: str = "",
+def write_summary(out: Path | str, planned: int | list | None = None, title: str = "",
                   baseline_files=()) -> Path:
+    """`planned`: the grid's runs (the status then counts table cells too) or their number."""
     out = Path(out)
     rows, counts = collect(out, baseline_files)
     agg = aggregate(rows)
     synthetic = any(r["synthetic"] for r in rows)
     n_seeds = max((g["n"] for g in agg.values()), default=0)
     done = counts.get("ok", 0)
-    state = (f"{done} of {planned} runs finished" if planned else f"{done} runs finished") \
+    n_planned = len(planned) if isinstance(planned, list) else planned
+    state = (f"{done} of {n_planned} runs finished" if n_planned else f"{done} runs finished") \
         + (f", {counts['failed']} failed" if counts.get("failed") else "")
-    partial = planned is not None and done < planned
+    if isinstance(planned, list):
+        cells = planned_cells(planned)
+        full = sum(agg.get(k, {}).get("n", 0) >= n for k, n in cells.items())
+        some = sum(0 < agg.get(k, {}).get("n", 0) < n for k, n in cells.items())
+        state = (f"{full} of {len(cells)} planned cells done (all their seeds), {some} "
+                 f"partly; " + state)
+    partial = n_planned is not None and done < n_planned
     md = [f"# {title or out.name}: TALLRec grid results", ""]
     if synthetic:
         md += [f"**{SYNTHETIC_NOTE}.** These numbers test the pipeline only.", ""]
     md += [f"Status: {'PARTIAL - ' if partial else ''}{state}. Test AUC, mean ± sample std "
-           f"(ddof=1) over seeds (up to {n_seeds} per cell; no ± with one seed); — = not run "
-           f"(yet).", "", "## Table 2 layout: in-domain test AUC", "", table2(rows, agg), ""]
+           f"(ddof=1) over seeds, n = seeds in the cell (up to {n_seeds}; no ± with one); "
+           f"— = not run (yet).", "", "## Table 2 layout: in-domain test AUC", "",
+           table2(rows, agg), ""]
     if any(r["method"] in ("rt", "it+rt") for r in rows):
         md += ["## Cross-domain (Fig. 5): rec-tuned on one domain, tested on each", "",
                cross_table(rows, agg), ""]
+    if any(r["method"].endswith("|sem") for r in rows):
+        md += ["## Semantic (retrieved) minus recent histories, movie test, paired by seed",
+               "", semantic_table(rows), ""]
     md += ["## All cells", "", "| method | trained on | tested on | K | AUC | seeds |",
            "|---|---|---|---|---|---|"]
     for k in sorted(agg, key=lambda k: tuple(str(x) for x in k)):
@@ -157,8 +221,16 @@ def write_summary(out: Path | str, planned: int | None = None, title: str = "",
         md += ["", "![Fig. 4 layout](fig4_shots.png)", "",
                "![Fig. 5 layout](fig5_cross_domain.png)"]
     path = out / "summary.md"
-    path.write_text("\n".join(md) + "\n")
+    _replace(path, lambda tmp: tmp.write_text("\n".join(md) + "\n"))
     return path
+
+
+def _replace(path: Path, write) -> None:
+    """write(tmp) then rename over `path`: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.part{path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    os.replace(tmp, path)
 
 
 # -- plots --------------------------------------------------------------------------------
@@ -176,7 +248,7 @@ def _finish(fig, path: Path, synthetic: bool, what: str):
     title = what + (f"\n{SYNTHETIC_NOTE}" if synthetic else "")
     fig.suptitle(title, color="red" if synthetic else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _replace(path, lambda tmp: fig.savefig(tmp, dpi=120))
 
 
 def plot_shots(rows, agg, path: Path, synthetic: bool):
@@ -191,7 +263,7 @@ def plot_shots(rows, agg, path: Path, synthetic: bool):
     for ax, d in zip(axes[0], domains, strict=True):
         for i, m in enumerate(LABELS):
             color = f"C{i}"
-            if m in ("zero-shot", "it"):
+            if m in FIXED:
                 g = agg.get(_key(m, d, None))
                 if g is not None:
                     ax.axhline(g["mean"], ls="--", color=color, label=LABELS[m])
