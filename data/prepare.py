@@ -25,6 +25,7 @@ from data.movielens import MovieLensConfig, build_movielens
 from data.paths import cache_dir
 from data.records import write_records
 from data.toy import ToyConfig, toy_records
+from model.config import DEFAULT_BASE
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_MD5 = "0e33842e24a9c977be4e0107933c0723"
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "title embeddings are most similar to the target's (after ReLLa)")
     ml.add_argument("--history-pool", type=int, default=50,
                     help="semantic: candidates, the last N ratings before the target")
-    ml.add_argument("--embed-base", default="smollm2-135m",
+    ml.add_argument("--embed-base", default=DEFAULT_BASE,
                     help="semantic: base model whose mean-pooled hidden states embed titles "
                          "(cached in the tallrec cache)")
     ml.add_argument("--embed-tokenizer", help="semantic: tokenizer overriding the base's")

@@ -146,7 +146,7 @@ PRESETS: dict[str, dict] = {
                   seeds=[0, 1, 2, 3, 4], device="cuda", train_tokens_per_s=3000.0,
                   eval_tokens_per_s=12000.0, load_seconds=60.0, out="results/paper"),
     "cpu": dict(
-        base="smollm2-135m", shots=[16, 64, 256], shot_order=[64, 256, 16],
+        base=DEFAULT_BASE, shots=[16, 64, 256], shot_order=[64, 256, 16],
         train_domains=["movie", "book"], eval_domains=["movie", "book"], seeds=[0, 1, 2],
         device="cpu", precision="bf16",
         eval_limit=-1,  # full test sets: movie 1,000 rows, book all 2,427
