@@ -218,8 +218,8 @@ def write_summary(out: Path | str, planned: int | list | None = None, title: str
     if rows:
         plot_shots(rows, agg, out / "fig4_shots.png", synthetic)
         plot_cross(rows, agg, out / "fig5_cross_domain.png", synthetic)
-        md += ["", "![Fig. 4 layout](fig4_shots.png)", "",
-               "![Fig. 5 layout](fig5_cross_domain.png)"]
+        md += [x for f, what in (("fig4_shots.png", "Fig. 4"), ("fig5_cross_domain.png", "Fig. 5"))
+               if (out / f).is_file() for x in ("", f"![{what} layout]({f})")]
     path = out / "summary.md"
     _replace(path, lambda tmp: tmp.write_text("\n".join(md) + "\n"))
     return path
