@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from model.config import DEFAULT_BASE
+from paths import DATA_ROOT_HELP
 
 
 def build_parser():
@@ -28,8 +29,7 @@ def build_parser():
                         "cross-domain: train on movie, --domain book")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--data", help="TALLRec-format JSON to score instead of --domain/--split")
-    p.add_argument("--data-root", help="shared data folder (default: $TALLREC_DATA or "
-                                       "../shared/data)")
+    p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.add_argument("--limit", type=int, default=-1,
                    help="score only the first N rows (-1 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
@@ -76,7 +76,7 @@ def run(args) -> int:
         records = records[:args.limit]
     device, policy = resolve_precision(args.device, args.precision)
     model, tok = load_base(base, dtype=policy.weight_dtype, device=device, lora=lora_cfg,
-                           tokenizer=args.tokenizer)
+                           tokenizer=args.tokenizer, data_root=args.data_root)
     if tok is None:
         raise ValueError(f"base {base!r} has no tokenizer; pass --tokenizer")
     if adapter_dir is not None:

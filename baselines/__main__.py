@@ -17,7 +17,7 @@ from pathlib import Path
 
 from baselines.models import MODELS
 from baselines.train import WEIGHT_DECAYS, BaselineConfig, run_baseline_grid
-from data.paths import PROJECT_ROOT
+from paths import DATA_ROOT_HELP, PROJECT_ROOT
 
 
 def parse_args(argv=None):
@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--shots", nargs="+", type=int, default=[16, 64, 256])
     p.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
     p.add_argument("--weight-decays", nargs="+", type=float, default=list(WEIGHT_DECAYS))
-    p.add_argument("--data-root", default=None, help="default: $TALLREC_DATA or ../shared/data")
+    p.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     p.add_argument("--out", default=None, help="JSON file (default results/baselines_<domain>"
                                                ".json)")
     p.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from data.paths import cache_dir as default_cache_dir
 from model.config import DEFAULT_BASE
+from paths import cache_dir as default_cache_dir
 
 DEFAULT_TEXT_BASE = DEFAULT_BASE
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.paths import default_data_root
 from data.records import load_records
 from data.toy import ToyConfig, toy_records
+from paths import data_root as resolve_data_root
 
 REAL_DOMAINS = ("movie", "book")
 SPLITS = ("train", "valid", "test")
@@ -53,8 +53,7 @@ def load_domain(
         return Split("toy", split, toy_records(split, cfg), f"data.toy (seed {cfg.seed})", True)
     if name not in REAL_DOMAINS:
         raise ValueError(f"unknown domain {name!r}; known: {REAL_DOMAINS + ('toy',)}")
-    root = Path(data_root) if data_root is not None else default_data_root()
-    path = root / "tallrec" / name / f"{split}.json"
+    path = resolve_data_root(data_root) / "tallrec" / name / f"{split}.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found; point --data-root (or $TALLREC_DATA) at the shared data, "
@@ -67,8 +66,7 @@ def load_alpaca(name: str = "alpaca_small", data_root: Path | str | None = None)
     """Stage-1 instruction data: <data_root>/alpaca/<name>.json, or a path to a JSON file."""
     path = Path(name)
     if path.suffix != ".json":
-        root = Path(data_root) if data_root is not None else default_data_root()
-        path = root / "alpaca" / f"{name}.json"
+        path = resolve_data_root(data_root) / "alpaca" / f"{name}.json"
     return Split("alpaca", "train", load_records(path, rec=False), str(path))
 
 

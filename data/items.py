@@ -23,8 +23,8 @@ from pathlib import Path
 
 from data.fewshot import SPLITS, load_domain
 from data.movielens import RawFiles, read_items
-from data.paths import default_data_root
 from data.prompts import parse_rec_record
+from paths import data_root as resolve_data_root
 
 PAD = 0
 
@@ -60,8 +60,7 @@ class ItemVocab:
 
 
 def movielens_vocab(data_root: Path | str | None = None) -> ItemVocab:
-    root = Path(data_root) if data_root is not None else default_data_root()
-    raw = RawFiles(root / "raw" / "ml-100k")
+    raw = RawFiles(resolve_data_root(data_root) / "raw" / "ml-100k")
     titles = read_items(*raw.read("u.item"))  # id string -> title
     ids: dict[str, int] = {}
     for sid, title in titles.items():

@@ -22,10 +22,10 @@ from pathlib import Path
 from data.bookcrossing import BookCrossingConfig, build_bookcrossing
 from data.history import HISTORY_SELECT, semantic_selector_factory
 from data.movielens import MovieLensConfig, build_movielens
-from data.paths import cache_dir
 from data.records import write_records
 from data.toy import ToyConfig, toy_records
 from model.config import DEFAULT_BASE
+from paths import cache_dir
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_MD5 = "0e33842e24a9c977be4e0107933c0723"

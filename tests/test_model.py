@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import LlamaConfig, load_base
+from model import CheckpointError, LlamaConfig, load_base
 from tests.model_fixtures import hf_reference, write_gguf, write_hf, write_meta
 
 TOL = 1e-4  # max abs logit difference, relative to the logit scale
@@ -102,6 +102,18 @@ def test_stories260k_matches_transformers(data_root):
     ids = torch.tensor([tok.encode("Once upon a time, there was a little dog named Max.")])
     with torch.no_grad():
         assert_logits_close(model(ids), ref(ids).logits)
+
+
+def test_stories260k_is_read_from_the_given_data_root(data_root, tmp_path, monkeypatch):
+    # a second data root holding the same model: load_base must read it there, not from the
+    # default root (made unusable here), and name the given root when the model is absent
+    monkeypatch.setenv("TALLREC_DATA", str(tmp_path / "not-here"))
+    (tmp_path / "root" / "models").mkdir(parents=True)
+    (tmp_path / "root" / "models" / "stories260K").symlink_to(data_root / "models" / "stories260K")
+    model, tok = load_base("stories260k", data_root=tmp_path / "root")
+    assert model.cfg.dim == 64 and tok.vocab_size == 512
+    with pytest.raises(CheckpointError, match="empty"):
+        load_base("stories260k", data_root=tmp_path / "empty")
 
 
 def test_smollm2_gguf_matches_transformers(smollm2):

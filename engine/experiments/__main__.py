@@ -11,6 +11,7 @@ from pathlib import Path
 
 from engine.config import TrainConfig
 from engine.experiments.grid import EVAL_DOMAINS, PRESETS, TRAIN_DOMAINS, VARIANTS
+from paths import DATA_ROOT_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "epochs=200 patience=10")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--data-root", help="shared data folder (default: $TALLREC_DATA or "
-                                       "../shared/data)")
+    p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.add_argument("--train-tokens-per-s", type=float,
                    help="training throughput for the ETA until finished runs measure one")
     p.add_argument("--eval-tokens-per-s", type=float,

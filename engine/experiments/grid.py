@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from data.history import HISTORY_SELECT
-from data.paths import default_data_root
 from engine.config import PRESETS as TRAIN_PRESETS
 from engine.config import TrainConfig
 from model.config import DEFAULT_BASE
+from paths import data_root as resolve_data_root
 
 VARIANTS = ("zero-shot", "it", "rt", "it+rt")
 # ETA rates of the `cpu` preset until its own finished runs measure better ones: what the
@@ -121,8 +121,8 @@ class GridConfig:
         self.shot_order = list(dict.fromkeys(self.shot_order)) or list(self.shots)
         self.seeds = sorted(set(self.seeds))
         if self.tokenizer is None and self.base.startswith("random:"):
-            root = Path(self.data_root) if self.data_root else default_data_root()
-            self.tokenizer = str(root / "tokenizer" / "llama" / "tokenizer.model")
+            llama = resolve_data_root(self.data_root) / "tokenizer" / "llama"
+            self.tokenizer = str(llama / "tokenizer.model")
 
     def synthetic(self) -> bool:
         return "toy" in self.train_domains or "toy" in self.eval_domains

@@ -235,7 +235,7 @@ def execute_eval(grid: GridConfig, run: Run, adapter: str | None) -> dict:
     device, policy = resolve_precision(grid.device, grid.precision)
     lora = read_adapter_config(adapter)[0] if adapter else None
     model, tok = load_base(grid.base, dtype=policy.weight_dtype, device=device, lora=lora,
-                           tokenizer=grid.tokenizer)
+                           tokenizer=grid.tokenizer, data_root=grid.data_root)
     if adapter:
         load_adapter(model, adapter)
     t0 = time.time()
