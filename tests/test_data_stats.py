@@ -1,4 +1,5 @@
-from data.stats import length_report, main
+from data.stats import length_report
+from engine.stats import main
 from tests.test_data_collate import CharTok, rec
 
 
