@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from model.config import DEFAULT_BASE, LlamaConfig
 from model.formats import CheckpointError
-from model.formats.gguf import read_gguf
+from model.formats.gguf import read_gguf, read_gguf_metadata
 from model.formats.hf import read_hf
 from model.formats.meta import read_meta
 from model.llama import Llama
@@ -175,4 +175,16 @@ def _tokenizer_near(folder: Path) -> Tokenizer | None:
     for name in ("tokenizer.model", "tokenizer.json"):
         if (folder / name).is_file():
             return load_tokenizer(folder / name)
+    return None
+
+
+def base_tokenizer(spec: str | Path | None = None,
+                   data_root: str | Path | None = None) -> Tokenizer | None:
+    """The tokenizer that `load_base(spec)` would return, read without any weights (a GGUF's
+    metadata, or the tokenizer file beside a folder); None for random: bases."""
+    path = resolve_base(spec, data_root)
+    if isinstance(path, Path) and path.suffix == ".gguf" and path.is_file():
+        return BPETokenizer.from_gguf_fields(read_gguf_metadata(path), str(path))
+    if isinstance(path, Path) and path.is_dir():
+        return _tokenizer_near(path) or _tokenizer_near(path.parent)
     return None

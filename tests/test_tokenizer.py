@@ -1,7 +1,7 @@
 import pytest
 
 from model import TokenizerError, load_base, load_tokenizer
-from model.checkpoint import smollm2_path
+from model.checkpoint import base_tokenizer, smollm2_path
 
 TEXTS = [
     "Hello world",
@@ -28,6 +28,18 @@ def test_stories260k_cannot_score_yes_no(data_root):
     with pytest.raises(TokenizerError, match="'Yes' is not a single token"):
         tok.answer_token_ids()
 
+
+
+def test_base_tokenizer_without_weights_is_the_one_load_base_returns(data_root):
+    # the experiment ETA reads the tokenizer of a base without loading its weights
+    _, tok = load_base("stories260k")
+    found = base_tokenizer("stories260k", data_root)
+    assert found.vocab_size == tok.vocab_size
+    assert [found.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+    gguf = base_tokenizer("smollm2-135m")
+    ref = load_tokenizer(smollm2_path())
+    assert [gguf.encode(t) for t in TEXTS] == [ref.encode(t) for t in TEXTS]
+    assert base_tokenizer("random:tiny") is None
 
 @pytest.fixture(scope="module")
 def smollm_tok():

@@ -31,19 +31,12 @@ def fmt_s(seconds: float) -> str:
 
 def plan_tokenizer(grid: GridConfig):
     """The base's tokenizer without loading its weights (None: estimate from characters)."""
-    from model.checkpoint import _tokenizer_near, resolve_base
-    from model.formats.gguf import read_gguf_metadata
-    from model.tokenizer import BPETokenizer, load_tokenizer
+    from model.checkpoint import base_tokenizer
+    from model.tokenizer import load_tokenizer
 
     if grid.tokenizer:
         return load_tokenizer(grid.tokenizer)
-    path = resolve_base(grid.base)
-    if isinstance(path, Path) and path.suffix == ".gguf" and path.is_file():
-        return BPETokenizer.from_gguf_fields(read_gguf_metadata(path), str(path))
-    if isinstance(path, Path) and path.is_dir():
-        return _tokenizer_near(path) or _tokenizer_near(path.parent)
-    return None
-
+    return base_tokenizer(grid.base, grid.data_root)
 
 class Estimator:
     def __init__(self, grid: GridConfig):
