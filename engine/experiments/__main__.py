@@ -4,10 +4,8 @@ and plots. Every run is cached under --out; running the same command again resum
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 from engine.config import TrainConfig
 from engine.experiments.grid import EVAL_DOMAINS, PRESETS, TRAIN_DOMAINS, VARIANTS
@@ -63,11 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the run list and ETA, run nothing")
     p.add_argument("--summary-only", action="store_true",
                    help="rewrite summary.md and the figures from the cache, run nothing")
-    p.add_argument("--baselines", action="store_true",
-                   help="also run baselines.run_baseline_grid (GRU4Rec, Caser, SASRec) when "
-                        "that module is importable; their rows join Table 2")
     p.add_argument("--baseline-results", nargs="+", default=[], metavar="FILE",
-                   help="baseline result files (the baselines CLI's JSON) to add to Table 2")
+                   help="baseline result files to add to Table 2, as `python -m baselines "
+                        "--out FILE` writes them (files in <out>/baselines/ are read anyway)")
     p.add_argument("--no-progress", action="store_true", help="hide per-step progress bars")
     return p
 
@@ -92,33 +88,6 @@ def parse_settings(items: list[str]) -> dict:
         else:
             out[key] = None if value.lower() == "none" else value
     return out
-
-
-BASELINE_MODELS = ("gru4rec", "caser", "sasrec")
-
-
-def run_baselines(grid) -> None:
-    """baselines.run_baseline_grid per model, in-domain test domain and K; results cached in
-    <out>/baselines/results.json (a (model, domain, K, seeds) already there is not rerun)."""
-    try:
-        from baselines import run_baseline_grid
-    except ImportError as e:
-        print(f"--baselines: the baselines module is not importable ({e}); Table 2 without "
-              f"baseline rows")
-        return
-    path = Path(grid.out) / "baselines" / "results.json"
-    done = json.loads(path.read_text())["results"] if path.is_file() else []
-    have = {(r["model"], r["domain"], r["shots"], tuple(r["seeds"])) for r in done}
-    for d in [d for d in grid.eval_domains if d in grid.train_domains]:
-        for k in grid.shots:
-            for m in BASELINE_MODELS:
-                if (m, d, k, tuple(grid.seeds)) in have:
-                    continue
-                print(f"baseline {m} {d} K={k}", flush=True)
-                done.append(run_baseline_grid(m, d, k, seeds=grid.seeds,
-                                              data_root=grid.data_root))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"results": done}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
                      on_result=summarize)
             if args.plan:
                 return 0
-        if args.baselines:
-            run_baselines(grid)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
