@@ -202,6 +202,17 @@ HELP = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Adds "(default: X)" to a flag's help when it has a default its help does not give."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, argparse.SUPPRESS)
+                or action.required or isinstance(action, argparse._HelpAction)):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="LoRA-tune a LLaMA model: stage-1 instruction tuning (--stage it) or "

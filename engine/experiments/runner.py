@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from data.paths import default_data_root
+
 from engine.experiments.eta import Estimator, fmt_s
 from engine.experiments.grid import GridConfig, Run, plan_runs
 from engine.state import atomic_write_json, find_dir
@@ -214,40 +215,22 @@ def execute_train(grid, run: Run, adapters, state: str, progress: bool) -> dict:
 
 
 def execute_eval(grid: GridConfig, run: Run, adapter: str | None) -> dict:
-    """Score the test split with the base (zero-shot) or an adapter; evaluate.py's result
-    format (auc, n, positives, accuracy, log_loss, probs, labels)."""
-    from data.fewshot import Split, k_shot, load_domain
-    from data.records import load_records
-    from engine.precision import resolve_precision
-    from engine.scoring import metrics, score, summary_line
-    from model import load_base
-    from model.adapter import load_adapter, read_adapter_config
+    """Score the test split with the base (zero-shot) or an adapter: evaluate.py's path and
+    result format (auc, n, positives, accuracy, log_loss, probs, labels)."""
+    from engine.evaluation import EvalConfig, evaluate
+    from engine.scoring import summary_line
 
     spec = run.spec
-    split = load_domain(spec["domain"], spec["split"], grid.data_root)
-    if "history" in spec:  # the same rows with retrieved histories
-        path = Path(spec["history"]["folder"]) / f"{spec['split']}.json"
-        split = Split(split.domain, split.split, load_records(path, rec=True), str(path))
-    records = split.records
-    if 0 < spec["limit"] < len(records):
+    # the same rows with retrieved histories, when the run asks for them
+    data = (str(Path(spec["history"]["folder"]) / f"{spec['split']}.json")
+            if "history" in spec else None)
+    result = evaluate(EvalConfig(
+        ckpt=adapter or "none", base=grid.base, tokenizer=grid.tokenizer, domain=spec["domain"],
+        split=spec["split"], data=data, data_root=grid.data_root, limit=spec["limit"],
         # a fixed sample (not the first rows: files list users in order), same for every run
-        records = k_shot(records, spec["limit"], spec["limit_seed"])
-    device, policy = resolve_precision(grid.device, grid.precision)
-    lora = read_adapter_config(adapter)[0] if adapter else None
-    model, tok = load_base(grid.base, dtype=policy.weight_dtype, device=device, lora=lora,
-                           tokenizer=grid.tokenizer, data_root=grid.data_root)
-    if adapter:
-        load_adapter(model, adapter)
-    t0 = time.time()
-    probs, labels, cut, n_tokens = score(model, tok, records, spec["batch_size"],
-                                         spec["cutoff_len"], policy.compute_dtype,
-                                         progress=False)
-    took = time.time() - t0
-    m = metrics(probs, labels)
-    print(summary_line(f"{spec['domain']} test", m)
-          + (" [SYNTHETIC toy data]" if split.synthetic else ""))
-    return {**m, "ckpt": adapter or "none", "base": grid.base, "data": split.describe(),
-            "synthetic_data": split.synthetic, "tokens": n_tokens,
-            "tokens_per_s": round(n_tokens / max(took, 1e-9), 1),
-            "history_dropped_rows": cut.history_dropped,
-            "probs": [round(float(p), 6) for p in probs], "labels": labels.tolist()}
+        limit_seed=spec["limit_seed"], batch_size=spec["batch_size"],
+        cutoff_len=spec["cutoff_len"], device=grid.device, precision=grid.precision,
+        progress=False))
+    print(summary_line(f"{spec['domain']} test", result)
+          + (" [SYNTHETIC toy data]" if result["synthetic_data"] else ""))
+    return result
