@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from engine.config import TrainConfig
 from engine.experiments.grid import EVAL_DOMAINS, PRESETS, TRAIN_DOMAINS, VARIANTS
@@ -91,20 +92,19 @@ def parse_settings(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.experiments.grid import grid_from_preset, plan_runs
+    from engine.experiments.grid import GridConfig, grid_from_preset, plan_runs
     from engine.experiments.runner import run_grid
     from engine.experiments.summary import write_summary
 
     args = build_parser().parse_args(argv)
     try:
-        grid = grid_from_preset(
-            args.preset, base=args.base, tokenizer=args.tokenizer, variants=args.variants,
-            shots=args.shots, seeds=args.seeds, train_domains=args.train_domains,
-            eval_domains=args.eval_domains, out=args.out, eval_limit=args.eval_limit,
-            sample_budget=args.sample_budget, device=args.device, precision=args.precision,
-            data_root=args.data_root, train_tokens_per_s=args.train_tokens_per_s,
-            eval_tokens_per_s=args.eval_tokens_per_s, it=parse_settings(args.it),
-            rt=parse_settings(args.rt), semantic_variants=args.semantic_variants)
+        # every flag named after a GridConfig field overrides the preset's value; the
+        # --baseline-results files are added to the preset's, not put in their place
+        given = vars(args)
+        over = {f.name: given[f.name] for f in fields(GridConfig)
+                if f.name in given and f.name != "baseline_results"}
+        over["it"], over["rt"] = parse_settings(args.it), parse_settings(args.rt)
+        grid = grid_from_preset(args.preset, **over)
         planned = plan_runs(grid)
         baseline_files = [*grid.baseline_results, *args.baseline_results]
         for f in [f for f in baseline_files if not Path(f).is_file()]:
