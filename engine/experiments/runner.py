@@ -26,12 +26,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from data.paths import default_data_root
-
 from engine.experiments.eta import Estimator, fmt_s
 from engine.experiments.grid import GridConfig, Run, plan_runs
 from engine.state import atomic_write_json, find_dir
 from engine.train import train
+from paths import data_root as resolve_data_root
 
 
 class CacheConflict(ValueError):
@@ -115,7 +114,7 @@ def ensure_semantic_data(grid: GridConfig) -> Path:
     from data.movielens import MovieLensConfig, build_movielens
     from data.records import write_records
 
-    root = Path(grid.data_root) if grid.data_root else default_data_root()
+    root = resolve_data_root(grid.data_root)
     spec = grid.semantic_spec()
     print(f"building movie splits with semantic histories into {folder} (once)", flush=True)
     splits = build_movielens(root / "raw" / "ml-100k",
