@@ -1,0 +1,5 @@
+import sys
+
+from engine.memory.cli import main
+
+sys.exit(main())
