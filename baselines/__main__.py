@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from baselines.models import MODELS
 from baselines.train import WEIGHT_DECAYS, BaselineConfig, run_baseline_grid
+from fileio import atomic_write_json, make_dir
 from paths import DATA_ROOT_HELP, PROJECT_ROOT
 
 
@@ -65,8 +65,8 @@ def main(argv=None) -> dict:
         "results": results,
     }
     out = Path(args.out or PROJECT_ROOT / "results" / f"baselines_{args.domain}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    make_dir(out.parent)
+    atomic_write_json(out, report, indent=1, newline=True)
 
     print(f"{'model':<10}" + "".join(f"{f'K={k}':>18}" for k in args.shots))
     for model in args.model:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fileio import atomic_write, make_dir
 from model.config import DEFAULT_BASE
 from paths import cache_dir as default_cache_dir
 
@@ -73,9 +74,8 @@ def title_embeddings(titles: list[str], base: str = DEFAULT_TEXT_BASE,
         raise ValueError(f"base {base!r} comes without a tokenizer; pass tokenizer=")
     model.eval()
     emb = embed_titles(model, tok, titles, batch_size, max_tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    torch.save({"base": str(base), "tokenizer": str(tokenizer), "titles": titles, "emb": emb},
-               tmp)
-    tmp.rename(path)  # atomic: parallel runs never read a half-written cache
+    make_dir(path.parent)
+    # atomic: parallel runs never read a half-written cache
+    atomic_write(path, lambda tmp: torch.save(
+        {"base": str(base), "tokenizer": str(tokenizer), "titles": titles, "emb": emb}, tmp))
     return emb

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from data.history import HISTORY_SELECT, semantic_selector_factory
 from data.movielens import MovieLensConfig, build_movielens
 from data.records import write_records
 from data.toy import ToyConfig, toy_records
+from fileio import WriteError, atomic_write, describe, make_dir
 from model.config import DEFAULT_BASE
 from paths import cache_dir
 
@@ -50,34 +50,52 @@ def fetch_movielens(
     """Path of a checksum-verified ml-100k.zip in dest_dir (default: the cache)."""
     url, md5 = url or ML100K_URL, md5 or ML100K_MD5
     dest_dir = Path(dest_dir) if dest_dir is not None else cache_dir()
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(dest_dir)
     target = dest_dir / "ml-100k.zip"
     if target.is_file():
         got = md5sum(target)
         if got != md5:
             raise FetchError(f"{target} has md5 {got}, expected {md5}: delete it and retry")
         return target
-    part = target.with_suffix(".zip.part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
-            shutil.copyfileobj(resp, f)
-    except (urllib.error.URLError, OSError) as e:
-        part.unlink(missing_ok=True)
-        raise FetchError(
-            f"could not download {url} ({e}).\n"
-            f"Download it by hand and put it at {target}\n"
+    hint = (f"Download it by hand and put it at {target}\n"
             f"(or pass --raw-dir pointing at the zip or its unpacked ml-100k/ folder); "
-            f"expected md5 {md5}."
-        ) from None
-    got = md5sum(part)
-    if got != md5:
-        part.unlink()
-        raise FetchError(f"downloaded {url} has md5 {got}, expected {md5}; not kept")
-    part.rename(target)
+            f"expected md5 {md5}.")
+
+    def download(tmp: Path):
+        # Network errors are FetchErrors; an error writing `tmp` stays an OSError, which
+        # atomic_write reports as a write failure. Either way nothing is kept.
+        try:
+            resp = urllib.request.urlopen(url, timeout=timeout)
+        except (urllib.error.URLError, OSError) as e:
+            raise FetchError(f"could not download {url} ({e}).\n{hint}") from None
+        with resp, open(tmp, "wb") as f:
+            while True:
+                try:
+                    chunk = resp.read(1 << 20)
+                except OSError as e:
+                    raise FetchError(f"could not download {url} ({e}).\n{hint}") from None
+                if not chunk:
+                    break
+                f.write(chunk)
+        got = md5sum(tmp)
+        if got != md5:
+            raise FetchError(f"downloaded {url} has md5 {got}, expected {md5}; not kept")
+
+    atomic_write(target, download)
     return target
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot become a folder before the (slow) build starts."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; choose another --out")
+    above = next((p for p in out.parents if p.exists()), Path("."))
+    if not above.is_dir():
+        raise NotADirectoryError(f"--out {out}: {above} is a file, not a folder")
+
+
 def _write_splits(out: Path, splits: dict[str, list[dict]]) -> None:
+    make_dir(out)
     for name, records in splits.items():
         write_records(out / f"{name}.json", records)
         print(f"wrote {out / f'{name}.json'}: {len(records)} rows, "
@@ -171,9 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_out(Path(args.out))
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except WriteError as e:
+        # Every split is written atomically: the one that failed kept its previous contents.
+        print(f"error: {e}; files already in {args.out} were kept as they were (each is "
+              f"replaced whole or not at all); fix that and run the same command again",
+              file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 1
 
 

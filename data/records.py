@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from data.prompts import NO, YES, is_rec_record, parse_rec_record
+from fileio import atomic_write, make_dir
 
 REQUIRED = ("instruction", "input", "output")
 
@@ -22,9 +23,8 @@ def write_records(path: Path | str, records: list[dict]) -> None:
     # TALLRec writes json.dump(list, f, indent=4): ASCII escapes, no trailing newline;
     # matching it makes our MovieLens build byte-identical to the released files.
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=4)
+    make_dir(path.parent)
+    atomic_write(path, json.dumps(records, indent=4))
 
 
 def read_json_list(path: Path | str) -> list:

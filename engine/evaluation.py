@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from engine.config import HelpFormatter
-from engine.state import atomic_write_text, find_dir
+from fileio import atomic_write_text, find_dir, make_dir
 from model.adapter import read_adapter_config
 from model.config import DEFAULT_BASE
 from paths import DATA_ROOT_HELP
@@ -132,7 +132,12 @@ def resolve_checkpoint(ckpt: str):
             raise FileNotFoundError(f"--ckpt {path}: no adapter_config.json, and no best/ or "
                                     f"last/ checkpoint inside (did the run save one yet?)")
     if cfg_file.is_file():
-        run_cfg = json.loads(cfg_file.read_text())
+        try:
+            run_cfg = json.loads(cfg_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_file}: cannot read the run's settings ({e})") from None
+        if not isinstance(run_cfg, dict):
+            raise ValueError(f"{cfg_file}: not a train.py run configuration")
     lora_cfg, base = read_adapter_config(adapter)
     return adapter, run_cfg, lora_cfg, base
 
@@ -193,7 +198,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def write_result(cfg: EvalConfig, result: dict) -> Path:
     """Write the result JSON to `cfg.out`, else beside the adapter; -> its path."""
     out = Path(cfg.out) if cfg.out else default_out(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent)
     atomic_write_text(out, json.dumps(result, indent=1))
     return out
 

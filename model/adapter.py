@@ -13,6 +13,7 @@ ever left at its initial value.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fileio import atomic_write, atomic_write_json, make_dir
 from model.formats.hf import config_to_hf
 from model.lora import TARGETS, LoRAConfig, LoRAError, LoRALinear, lora_modules
 
@@ -56,25 +58,25 @@ def our_key(key: str) -> str | None:
     return f"{m[1]}.lora_{m[2].lower()}" if m else None
 
 
-def _atomic_write(path: Path, write):
-    """Write through a temporary file in the same folder and rename it over `path`, so a
-    killed process leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_json(obj: dict, path: Path):
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write_json(path, obj, newline=True)
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path):
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    def write(tmp: Path):
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:
+            # safetensors reports OS errors as text ("IoError(Os { code: 28, ...})"): turn
+            # them back into an OSError so the caller says "no space left" in one line.
+            code = re.search(r"code: (\d+)", str(e))
+            errno_ = int(code[1]) if code else errno.EIO
+            raise OSError(errno_, os.strerror(errno_)) from None
+
+    atomic_write(path, write)
 
 
 def adapter_config(lora: LoRAConfig, base_name: str | None = None) -> dict:
@@ -110,7 +112,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base_name: str | None = N
             if t.is_meta:
                 raise AdapterError(f"save_adapter: {name}.{leaf} is on the meta device")
             tensors[peft_key(f"{name}.{leaf}")] = t.detach().to("cpu").contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     # Weights first: a crash between the two writes leaves no config for a mismatched file.
     _save_safetensors(tensors, folder / ADAPTER_WEIGHTS)
     _save_json(adapter_config(model.lora_cfg, base_name), folder / ADAPTER_CONFIG)
@@ -269,7 +271,7 @@ def export_merged(model: nn.Module, folder: str | Path, tokenizer=None,
     state = merged_state_dict(model, dtype)
     cfg = config_to_hf(model.cfg)
     cfg["torch_dtype"] = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     _save_safetensors(state, folder / "model.safetensors")
     if tokenizer is not None:
         _save_tokenizer(tokenizer, folder)
@@ -281,11 +283,11 @@ def _save_tokenizer(tok, folder: Path):
     from model.tokenizer import BPETokenizer, SentencePieceTokenizer
 
     if isinstance(tok, SentencePieceTokenizer):
-        _atomic_write(folder / "tokenizer.model", lambda p: shutil.copyfile(tok.name, p))
+        atomic_write(folder / "tokenizer.model", lambda p: shutil.copyfile(tok.name, p))
         return
     if not isinstance(tok, BPETokenizer):
         raise AdapterError(f"export: cannot save a {type(tok).__name__}")
-    _atomic_write(folder / "tokenizer.json", lambda p: tok.tok.save(str(p)))
+    atomic_write(folder / "tokenizer.json", lambda p: tok.tok.save(str(p)))
     special = {"eos_token": tok.eos_id, "pad_token": tok.pad_id}
     if tok.bos_id is not None:
         special["bos_token"] = tok.bos_id

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from engine.experiments.eta import Estimator, fmt_s
 from engine.experiments.grid import GridConfig, Run, plan_runs
-from engine.state import atomic_write_json, find_dir
 from engine.train import train
+from fileio import atomic_write_json, find_dir
 from paths import data_root as resolve_data_root
 
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from fileio import atomic_write, make_dir
 
 LABELS = {"zero-shot": "Zero-shot (base)", "it": "IT only (Alpaca-LoRA)", "rt": "RT only",
           "it+rt": "TALLRec (IT+RT)", "zero-shot|sem": "Zero-shot, semantic history",
@@ -221,16 +222,9 @@ def write_summary(out: Path | str, planned: int | list | None = None, title: str
         md += [x for f, what in (("fig4_shots.png", "Fig. 4"), ("fig5_cross_domain.png", "Fig. 5"))
                if (out / f).is_file() for x in ("", f"![{what} layout]({f})")]
     path = out / "summary.md"
-    _replace(path, lambda tmp: tmp.write_text("\n".join(md) + "\n"))
+    make_dir(path.parent)
+    atomic_write(path, "\n".join(md) + "\n")
     return path
-
-
-def _replace(path: Path, write) -> None:
-    """write(tmp) then rename over `path`: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.part{path.suffix}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # -- plots --------------------------------------------------------------------------------
@@ -248,7 +242,9 @@ def _finish(fig, path: Path, synthetic: bool, what: str):
     title = what + (f"\n{SYNTHETIC_NOTE}" if synthetic else "")
     fig.suptitle(title, color="red" if synthetic else "black")
     fig.tight_layout()
-    _replace(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    make_dir(path.parent)
+    # the temporary name hides the suffix from matplotlib: say the format
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:]))
 
 
 def plot_shots(rows, agg, path: Path, synthetic: bool):
