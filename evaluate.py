@@ -8,6 +8,7 @@ position. Every flag is a field of engine.evaluation.EvalConfig; `--help` lists 
 import sys
 
 from engine.evaluation import config_from_args
+from fileio import describe
 
 
 def main(argv=None) -> int:
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
         result = evaluate(cfg)
         out = write_result(cfg, result)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 1
     tag = " [SYNTHETIC toy data]" if result["synthetic_data"] else ""
     print(summary_line(result["name"], result) + tag + f"  ({result['seconds']:.0f}s) -> {out}")

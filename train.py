@@ -6,13 +6,14 @@ import json
 import sys
 
 from engine.config import config_from_args
+from fileio import describe
 
 
 def main(argv=None) -> int:
     try:
         cfg = config_from_args(argv)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     print("config: " + json.dumps(cfg.to_dict()))
     from engine.train import train  # heavy imports after the arguments are known to be fine
@@ -20,7 +21,8 @@ def main(argv=None) -> int:
     try:
         result = train(cfg)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # User and OS errors are one line; a bug (any other exception) keeps its traceback.
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 1
     print("result: " + json.dumps(result))
     return 0

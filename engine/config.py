@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -69,20 +71,14 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self):
+        self._check_types()
+        self._check_ranges()
         if self.stage not in ("it", "rt"):
             raise ValueError(f"--stage must be 'it' or 'rt', got {self.stage!r}")
         if self.stage == "rt" and self.domain not in ("movie", "book", "both", "toy"):
             raise ValueError(f"--domain must be movie, book, both or toy, got {self.domain!r}")
-        for name in ("batch_size", "micro_batch_size", "epochs", "cutoff_len", "eval_batch_size",
-                     "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.shots == 0 or self.shots < -1:
-            raise ValueError("--shots must be >= 1 (or -1 for the whole pool)")
-        if self.lr <= 0:
-            raise ValueError("--lr must be positive")
-        if not 0 <= self.warmup_ratio < 1 or self.eval_every_epochs < 0:
-            raise ValueError("--warmup-ratio must be in [0, 1) and --eval-every-epochs >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         for name, allowed in (("lr_schedule", ("linear", "cosine", "constant")),
                               ("step_mode", ("mean", "tallrec")),
                               ("device", ("auto", "cpu", "cuda")),
@@ -91,6 +87,42 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}")
         self.lora()  # validates r, alpha, dropout and targets early
         self.checkpoint_every()
+
+    def _check_types(self):
+        """Values from a --config file arrive untyped: say which field has the wrong kind."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), str(f.type)
+            ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+                  "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+                  "bool": isinstance(v, bool), "str": isinstance(v, str),
+                  "str | None": v is None or isinstance(v, str),
+                  "list[str]": isinstance(v, list) and all(isinstance(x, str) for x in v),
+                  }.get(kind, True)
+            if not ok:
+                raise ValueError(f"{_flag(f.name)} must be {kind.replace(' | None', '')}, "
+                                 f"got {v!r}")
+
+    def _check_ranges(self):
+        for name, low, note in RANGES:
+            v = getattr(self, name)
+            if note == "-1" and v == -1:
+                continue
+            if not math.isfinite(v) or v < low:
+                allowed = f">= {low}" + (" (or -1)" if note == "-1" else "")
+                raise ValueError(f"{_flag(name)} must be {allowed}, got {v}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha <= 0 or not math.isfinite(self.lora_alpha):
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.memory_budget is not None:
+            from engine.memory import PlanError, parse_bytes
+
+            try:
+                parse_bytes(self.memory_budget)
+            except PlanError as e:
+                raise ValueError(f"--memory-budget: {e}") from None
 
     def lora(self) -> LoRAConfig:
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
@@ -124,6 +156,22 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# (field, lowest allowed value, "-1" when -1 is also allowed as "all / no limit")
+RANGES = [("lora_r", 1, ""), ("shots", 1, "-1"), ("val_size", 0, "-1"), ("cutoff_len", 1, ""),
+          ("batch_size", 1, ""), ("micro_batch_size", 1, ""), ("epochs", 1, ""),
+          ("max_steps", 1, "-1"), ("warmup_steps", 0, ""), ("weight_decay", 0, ""),
+          ("grad_clip", 0, ""), ("eval_every", 0, ""), ("patience", 0, ""),
+          ("save_every", 0, ""), ("eval_every_epochs", 0, ""), ("eval_batch_size", 1, ""),
+          ("seed", 0, ""),
+          ("log_every", 1, "")]
+
+# Settings a resumed run may change: they do not alter what is computed.
+RESUME_FREE = {"max_steps", "resume", "overwrite", "log_every", "device", "eval_batch_size"}
 
 PRESETS: dict[str, dict] = {
     # alpaca-lora: lr 3e-4, batch 128, micro-batch 4, cutoff 256, 3 epochs, warmup 100,
@@ -234,17 +282,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, except that a negative number after a flag is read as its value
+    (`--lr -1e-3`), so that the range check, not argparse's usage dump, answers it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    joined = []
+    for arg in argv:
+        if joined and _NEGATIVE.fullmatch(arg) and joined[-1].startswith("--") \
+                and "=" not in joined[-1]:
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return parser.parse_args(joined)
+
+
+_NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def read_config_file(path: str) -> dict:
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {path}: invalid JSON at line {e.lineno}, column {e.colno}: "
+                         f"{e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot read ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of field values, got "
+                         f"{type(values).__name__}")
+    return values
+
+
+def resume_diff(saved: dict, values: dict) -> list[str]:
+    """The settings in `values` that differ from a saved run's, as `name (saved -> given)`."""
+    return [f"{k} ({saved[k]!r} -> {v!r})" for k, v in sorted(values.items())
+            if k not in RESUME_FREE and k in saved and saved[k] != v]
+
+
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Preset of --stage, then --config file, then explicit flags."""
-    args = build_parser().parse_args(argv)
+    """Preset of --stage, then --config file, then explicit flags. With --resume, the run's
+    saved config.json takes the place of the preset, and explicit settings must match it."""
+    args = parse_args(build_parser(), argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
-    values: dict = {}
-    if args.config:
-        values.update(json.loads(Path(args.config).read_text()))
-    stage = given.get("stage", values.get("stage", "rt"))
-    merged = {**PRESETS[stage], **values, **given} if stage in PRESETS else {**values, **given}
+    values: dict = read_config_file(args.config) if args.config else {}
     known = {f.name for f in fields(TrainConfig)}
-    unknown = set(merged) - known
+    unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown config fields {sorted(unknown)} in {args.config}")
+    explicit = {**values, **given}
+    if explicit.get("resume"):
+        from engine.state import read_run_config
+
+        out = Path(explicit.get("out", TrainConfig.out))
+        saved = {k: v for k, v in read_run_config(out).items() if k in known}
+        diff = resume_diff(saved, explicit)
+        if diff:
+            raise ValueError(f"--resume: settings differ from the run in {out}: "
+                             + ", ".join(diff))
+        return TrainConfig(**{**saved, **explicit})
+    stage = explicit.get("stage", "rt")
+    merged = {**PRESETS[stage], **explicit} if stage in PRESETS else explicit
     return TrainConfig(**merged)

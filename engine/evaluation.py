@@ -57,6 +57,16 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(self, name)}")
+        if self.limit_seed is not None and self.limit_seed < 0:
+            raise ValueError(f"--limit-seed must be >= 0, got {self.limit_seed}")
+        if self.out:  # checked now, not after the scoring
+            out = Path(self.out)
+            if out.is_dir():
+                raise IsADirectoryError(f"--out {out} is a folder; give a file name for the "
+                                        f"result JSON")
+            above = next((p for p in out.parents if p.exists()), Path("."))
+            if not above.is_dir():
+                raise NotADirectoryError(f"--out {out}: {above} is a file, not a folder")
 
 
 HELP = {
@@ -110,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> EvalConfig:
-    return EvalConfig(**vars(build_parser().parse_args(argv)))
+    from engine.config import parse_args  # reads `--limit -3` as a value, not a flag
+
+    return EvalConfig(**vars(parse_args(build_parser(), argv)))
 
 
 def resolve_checkpoint(ckpt: str):
@@ -168,16 +180,21 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Score the rows `cfg` names; -> the result JSON as a dict (nothing is written)."""
     from engine.precision import resolve_precision
     from engine.scoring import metrics, score
-    from model import load_base
+    from model import load_base, probe_base
 
     adapter_dir, run_cfg, lora_cfg, adapter_base = resolve_checkpoint(cfg.ckpt)
     base = cfg.base or adapter_base or DEFAULT_BASE
     records, source, synthetic, name = eval_rows(cfg, run_cfg)
+    if not records:
+        raise ValueError(f"nothing to score: {source} holds no rows")
     device, policy = resolve_precision(cfg.device, cfg.precision)
-    model, tok = load_base(base, dtype=policy.weight_dtype, device=device, lora=lora_cfg,
-                           tokenizer=cfg.tokenizer, data_root=cfg.data_root)
+    # Every check that needs no weights comes before the (slow) load: headers, tokenizer.
+    _, tok = probe_base(base, cfg.tokenizer, cfg.data_root)
     if tok is None:
         raise ValueError(f"base {base!r} has no tokenizer; pass --tokenizer")
+    tok.answer_token_ids()  # scoring reads P(Yes) vs P(No)
+    model, tok = load_base(base, dtype=policy.weight_dtype, device=device, lora=lora_cfg,
+                           tokenizer=tok, data_root=cfg.data_root)
     if adapter_dir is not None:
         from model.adapter import load_adapter
 

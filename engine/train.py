@@ -17,81 +17,38 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.collate import IGNORE_INDEX, TokenizeConfig, collate_train, encode_all, pad_value
-from data.fewshot import k_shot, k_shot_split, load_alpaca, load_domain, mix_domains
-from data.records import load_records
+from data.collate import IGNORE_INDEX, collate_train, pad_value
 from engine.config import TrainConfig
 from engine.loss import causal_lm_loss
-from engine.memory import PlanError, choose, fmt_bytes, parse_bytes, plan
-from engine.precision import resolve_precision
+from engine.preflight import Prepared, TrainingError, load_data, preflight  # noqa: F401
 from engine.scoring import metrics, score
 from engine.state import (
     MetricsLog,
+    TrainState,
+    prepare_out_dir,
+    rng_state,
+    save_trainer_state,
+    set_rng_state,
+)
+from fileio import (
+    WriteError,
+    atomic_write,
     atomic_write_dir,
     atomic_write_json,
     fault_point,
     find_dir,
-    prepare_out_dir,
-    rng_state,
-    set_rng_state,
 )
-from kernels.dispatch import lora_path
 from model import load_base
 from model.adapter import load_adapter, read_adapter_config, save_adapter
 from model.lora import mark_only_lora_trainable
 
-
-class TrainingError(RuntimeError):
-    pass
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    step_in_epoch: int = 0
-    best_metric: float | None = None  # val AUC (rt) or -val loss (it): higher is better
-    best_step: int | None = None
-    bad_evals: int = 0  # validations since the best one
-    stopped_early: bool = False
-    train_tokens: int = 0
-
-
 # -- data ---------------------------------------------------------------------------------
-
-def load_data(cfg: TrainConfig):
-    """-> (train records, validation records, description, synthetic?)."""
-    root = cfg.data_root
-    if cfg.stage == "it":
-        pool = load_alpaca(cfg.data or "alpaca_small", root)
-        rows = k_shot(pool.records, -1, cfg.seed)  # shuffled once; the tail validates
-        n_val = min(cfg.val_size if cfg.val_size > 0 else 0, len(rows) // 5)
-        return rows[n_val:], rows[:n_val], pool.describe(), False
-    domains = ["movie", "book"] if cfg.domain == "both" else [cfg.domain]
-    if cfg.data:
-        train = load_records(cfg.data, rec=True)
-        train = k_shot(train, cfg.shots, cfg.seed)
-        desc, synthetic = f"{cfg.data} ({cfg.shots}-shot)", False
-    else:
-        pools = [load_domain(d, "train", root) for d in domains]
-        split = mix_domains(pools, cfg.shots, cfg.seed) if len(pools) > 1 else \
-            k_shot_split(pools[0], cfg.shots, cfg.seed)
-        train, desc, synthetic = split.records, split.describe(), split.synthetic
-    if cfg.val_data:
-        val = load_records(cfg.val_data, rec=True)
-    else:
-        val = [r for d in domains for r in load_domain(d, "valid", root).records]
-    if cfg.val_size > 0 and cfg.val_size < len(val):
-        val = k_shot(val, cfg.val_size, cfg.seed)
-    return train, val, desc, synthetic
-
 
 def step_batches(n: int, cfg: TrainConfig, epoch: int, lengths: list[int]) -> list[list[int]]:
     """This epoch's optimizer steps, each a list of sample indices."""
@@ -148,49 +105,49 @@ def amp_context(device, dtype):
 def save_last(out: Path, model, opt, scaler, state: TrainState, cfg: TrainConfig):
     def write(folder):
         save_adapter(model, folder, base_name=cfg.base)
-        torch.save({"state": state.__dict__, "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_state()}, folder / "trainer_state.pt")
+        save_trainer_state(folder / "trainer_state.pt",
+                           {"state": state.__dict__, "optimizer": opt.state_dict(),
+                            "scaler": scaler.state_dict(), "rng": rng_state()})
     atomic_write_dir(out / "last", write)
 
 
 def save_best(out: Path, model, state: TrainState, cfg: TrainConfig, m: dict):
     def write(folder):
         save_adapter(model, folder, base_name=cfg.base)
-        (folder / "best.json").write_text(json.dumps({"step": state.step, **m}, indent=2))
+        atomic_write(folder / "best.json", json.dumps({"step": state.step, **m}, indent=2))
     atomic_write_dir(out / "best", write)
-
-
-def check_resume_config(out: Path, cfg: TrainConfig):
-    saved = json.loads((out / "config.json").read_text())
-    free = {"max_steps", "resume", "overwrite", "log_every", "device", "eval_batch_size"}
-    diff = sorted(k for k, v in cfg.to_dict().items() if k not in free and saved.get(k) != v)
-    if diff:
-        raise ValueError(f"--resume: settings differ from the run in {out}: "
-                         + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})"
-                                     for k in diff))
 
 
 # -- the loop -----------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
-    prepare_out_dir(out, cfg.resume, cfg.overwrite)
-    if cfg.resume:
-        check_resume_config(out, cfg)
-    else:
-        atomic_write_json(out / "config.json", cfg.to_dict())
-    device, policy = resolve_precision(cfg.device, cfg.precision)
+    prep = preflight(cfg)
+    try:
+        # Only now is anything written: the folder, then the settings.
+        prepare_out_dir(out, cfg.resume, cfg.overwrite)
+        if not cfg.resume:
+            atomic_write_json(out / "config.json", cfg.to_dict())
+        return run(cfg, prep, progress)
+    except WriteError as e:
+        saved = find_dir(out / "last")
+        kept = (f"kept the last good checkpoint {saved}" if saved is not None
+                else "no checkpoint had been saved yet")
+        how = (f"python train.py --out {out} --resume" if (out / "config.json").is_file()
+               else "the same command")
+        raise TrainingError(f"{e}; {kept}; fix that, then run {how}") from None
+
+
+def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
+    """Load the model and train, in a folder `train` has prepared."""
+    out = Path(cfg.out)
+    device, policy, tok = prep.device, prep.policy, prep.tok
     amp_dtype, scaler = policy.compute_dtype, policy.make_scaler(device)
     torch.manual_seed(cfg.seed)
 
     # Model: the base with LoRA built in, optionally started from a stage-1 adapter.
     model, tok = load_base(cfg.base, dtype=policy.weight_dtype, device=device, lora=cfg.lora(),
-                           tokenizer=cfg.tokenizer, seed=cfg.seed, data_root=cfg.data_root)
-    if tok is None:
-        raise TrainingError(f"base {cfg.base!r} comes without a tokenizer; pass --tokenizer")
-    if cfg.stage == "rt":
-        tok.answer_token_ids()  # validation scores Yes/No: fail now, not at the first validation
+                           tokenizer=tok, seed=cfg.seed, data_root=cfg.data_root)
     if cfg.init_adapter:
         _, init_base = read_adapter_config(cfg.init_adapter)
         load_adapter(model, cfg.init_adapter)  # checks rank, targets and every shape
@@ -200,40 +157,34 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     print(f"trainable LoRA parameters: {n_trainable:,} "
           f"({100 * n_trainable / model.cfg.n_params:.3f}% of {model.cfg.n_params:,})")
 
-    # Data: tokenized once; history items dropped to fit the cutoff are counted.
-    train_rows, val_rows, desc, synthetic = load_data(cfg)
-    tcfg = TokenizeConfig(cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
-    examples, cut = encode_all(train_rows, tok, tcfg)
-    val_examples = encode_all(val_rows, tok, tcfg)[0] if cfg.stage == "it" else []
+    # Data: tokenized once in preflight; history items dropped to fit the cutoff are counted.
+    examples, val_examples, val_rows = prep.examples, prep.val_examples, prep.val_rows
     lengths = [len(e.input_ids) for e in examples]
-    print(f"train: {desc}; {cut.summary()}; tokens/sample median {int(np.median(lengths))}, "
-          f"max {max(lengths)}")
-    print(f"validation: {len(val_rows)} rows" + (" [SYNTHETIC]" if synthetic else ""))
+    print(f"train: {prep.desc}; {prep.cut_summary}; tokens/sample median "
+          f"{int(np.median(lengths))}, max {max(lengths)}")
+    print(f"validation: {len(val_rows)} rows" + (" [SYNTHETIC]" if prep.synthetic else ""))
     steps_per_epoch = len(step_batches(len(examples), cfg, 0, lengths))
     total_steps = steps_per_epoch * cfg.epochs
     # --max-steps stops early without reshaping the schedule, which spans every epoch.
     total_steps_run = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
     eval_every = cfg.resolved_eval_every(steps_per_epoch)
     save_every = cfg.save_every or eval_every
-    plan_memory(cfg, model, device, policy, max(lengths))
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState()
-    if cfg.resume:
-        last = find_dir(out / "last")
-        if last is None:
-            raise FileNotFoundError(f"--resume: {out} has no checkpoint yet; start it again")
+    last, ckpt = prep.checkpoint
+    if last is not None:
         load_adapter(model, last)
-        ckpt = torch.load(last / "trainer_state.pt", weights_only=True)
         opt.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        state = TrainState(**ckpt["state"])
+        state = ckpt["state"]
         set_rng_state(ckpt["rng"])
         print(f"resumed from {last} at step {state.step}")
+    elif cfg.resume:
+        print(f"--resume: {out} has no checkpoint yet; starting it from step 0")
     log = MetricsLog(out / "metrics.jsonl", resume_step=state.step if cfg.resume else None)
-
     model.train()
     bar = tqdm(total=total_steps_run, initial=state.step, desc=f"{cfg.stage} training",
                unit="step", disable=not progress)
@@ -272,7 +223,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     result = {"steps": state.step, "epochs_started": state.epoch + 1,
               "best_step": state.best_step, "best_val_metric": state.best_metric,
               "stopped_early": state.stopped_early, "train_tokens": state.train_tokens,
-              "trainable_params": n_trainable, "synthetic_data": synthetic,
+              "trainable_params": n_trainable, "synthetic_data": prep.synthetic,
               "adapter": str(out / ("best" if state.best_step is not None else "last"))}
     atomic_write_json(out / "result.json", result)
     return result
@@ -337,27 +288,3 @@ def fmt_val(m: dict) -> str:
     return "AUC undefined" if m["auc"] is None else f"AUC {m['auc']:.4f}"
 
 
-def plan_memory(cfg: TrainConfig, model, device, policy, seq_len: int):
-    """Print the memory plan of one micro-batch at the longest sample; refuse to start when
-    it exceeds the budget (--memory-budget, else the GPU's memory), naming a plan that fits."""
-    budget = cfg.memory_budget
-    if budget is None and device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory
-    lora = cfg.lora()
-    # The path the LoRA layers will take for this micro-batch: the layers ask the same function.
-    lora_impl = lora_path(lora.kernel, device.type, policy.compute_dtype or policy.weight_dtype,
-                          cfg.micro_batch_size * seq_len, lora.r)
-    backend = "efficient" if device.type == "cuda" else "cpu-flash"
-    kw = dict(lora=lora, precision=policy, backend=backend, lora_impl=lora_impl)
-    p = plan(model.cfg, seq_len, cfg.micro_batch_size, checkpoint=cfg.checkpointing,
-             budget=budget, **kw)
-    print(p.table() if budget is not None else f"memory plan: {p.summary()}")
-    if not p.fits:
-        try:
-            alt = choose(model.cfg, seq_len, budget, **kw)
-            hint = (f"nearest plan that fits: --micro-batch-size {alt.micro_batch} "
-                    f"--checkpointing {alt.checkpoint} ({fmt_bytes(alt.peak)})")
-        except PlanError as e:
-            hint = str(e)
-        raise PlanError(f"the plan needs {fmt_bytes(p.peak)} but the budget is "
-                        f"{fmt_bytes(parse_bytes(budget))}; {hint}")

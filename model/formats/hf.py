@@ -86,7 +86,24 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def read_hf(folder: Path):
     cfg = config_from_hf(folder / "config.json")
-    return cfg, _iter_tensors(_weight_files(folder))
+    files = _weight_files(folder)
+    _check_headers(files)
+    return cfg, _iter_tensors(files)
+
+
+def _check_headers(files):
+    """Read each safetensors header now (bytes, not weights), so a damaged file fails
+    before a model is built."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") \
+                    from None
 
 
 def _iter_tensors(files):
