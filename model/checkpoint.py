@@ -73,7 +73,7 @@ def resolve_base(spec: str | Path | None, data_root: str | Path | None = None) -
     return Path(spec)
 
 
-def _fill(model: Llama, tensors, dtype: torch.dtype, device, show_progress: bool):
+def _fill(model: Llama, tensors, dtype: torch.dtype, device, show_progress: bool, cfg_source):
     """Assign each checkpoint tensor to the meta-built model, checking names and shapes."""
     expected = {n: p for n, p in model.named_parameters(remove_duplicate=True)
                 if not n.endswith(("lora_a", "lora_b"))}
@@ -91,7 +91,7 @@ def _fill(model: Llama, tensors, dtype: torch.dtype, device, show_progress: bool
         t = load()
         if tuple(t.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)} but the "
-                                  f"config implies {tuple(expected[name].shape)}")
+                                  f"config ({cfg_source}) implies {tuple(expected[name].shape)}")
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, leaf, torch.nn.Parameter(t.to(device=device, dtype=dtype),
@@ -184,7 +184,9 @@ def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32
     if tensors is None:
         tensors = _random_tensors(model, path, dtype, device)
     size = cfg.n_params * torch.finfo(dtype).bits // 8
-    _fill(model, tensors, dtype, device, show_progress=size > (1 << 30))
+    cfg_source = (path / "config.json" if (path / "config.json").is_file() else
+                  path / "params.json") if isinstance(path, Path) and path.is_dir() else path
+    _fill(model, tensors, dtype, device, show_progress=size > (1 << 30), cfg_source=cfg_source)
     torch.manual_seed(seed)
     for m in lora_modules(model).values():
         m.reset_lora_parameters(device)

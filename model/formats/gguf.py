@@ -83,7 +83,12 @@ def read_gguf(path: Path):
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: no token_embd.weight tensor; not a LLaMA GGUF")
     vocab = int(tensors["token_embd.weight"].shape[-1])
-    cfg = config_from_gguf(fields, vocab)
+    try:
+        cfg = config_from_gguf(fields, vocab)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing GGUF metadata key {e}") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
     cfg.tie_embeddings = "output.weight" not in tensors
     for t in reader.tensors:
         kind = t.tensor_type.name

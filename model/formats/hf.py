@@ -17,8 +17,10 @@ def config_from_hf(path: str | Path) -> LlamaConfig:
     path = Path(path)
     try:
         hf = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config.json ({e})") from e
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     if hf.get("model_type", "llama") not in ("llama", "mistral") and \
             "LlamaForCausalLM" not in hf.get("architectures", []):
         raise ConfigError(f"{path}: model_type {hf.get('model_type')!r} is not a LLaMA model")
@@ -41,6 +43,8 @@ def config_from_hf(path: str | Path) -> LlamaConfig:
         )
     except KeyError as e:
         raise ConfigError(f"{path}: missing key {e} in config.json") from e
+    except (ConfigError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
