@@ -170,8 +170,10 @@ RANGES = [("lora_r", 1, ""), ("shots", 1, "-1"), ("val_size", 0, "-1"), ("cutoff
           ("seed", 0, ""),
           ("log_every", 1, "")]
 
-# Settings a resumed run may change: they do not alter what is computed.
-RESUME_FREE = {"max_steps", "resume", "overwrite", "log_every", "device", "eval_batch_size"}
+# Settings a resumed run may change: they do not alter what is computed (`out` is where the
+# run is now, whatever path it was started with).
+RESUME_FREE = {"max_steps", "resume", "overwrite", "log_every", "device", "eval_batch_size",
+               "out"}
 
 PRESETS: dict[str, dict] = {
     # alpaca-lora: lr 3e-4, batch 128, micro-batch 4, cutoff 256, 3 epochs, warmup 100,
@@ -341,7 +343,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         if diff:
             raise ValueError(f"--resume: settings differ from the run in {out}: "
                              + ", ".join(diff))
-        return TrainConfig(**{**saved, **explicit})
+        return TrainConfig(**{**saved, "overwrite": False, **explicit})
     stage = explicit.get("stage", "rt")
     merged = {**PRESETS[stage], **explicit} if stage in PRESETS else explicit
     return TrainConfig(**merged)
