@@ -15,7 +15,6 @@ product.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from data.collate import TokenizeConfig, collate_eval, collate_train, encode_all
 from data.fewshot import k_shot, load_domain
 from engine.loss import causal_lm_loss
 from engine.scoring import metrics
+from fileio import atomic_write_json, make_dir
 from model import load_base
 from model.checkpoint import smollm2_path
 from model.lora import LoRAConfig, lora_modules
@@ -158,9 +158,8 @@ def main(argv=None):
     print(f"train speed-up {summary['train_speedup']}x, eval speed-up "
           f"{summary['eval_speedup']}x, |AUC difference| {summary['auc_difference']}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_engine_{args.domain}_{args.precision}.json").write_text(
-        json.dumps(summary, indent=2))
+    make_dir(out)
+    atomic_write_json(out / f"bench_engine_{args.domain}_{args.precision}.json", summary)
 
 
 if __name__ == "__main__":

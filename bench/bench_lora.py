@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.common import error_record, run_info, write_json
+from fileio import atomic_write
 from kernels import tuning
 from kernels.dispatch import INTERPRET
 from kernels.lora import lora_linear
@@ -184,12 +185,13 @@ def bench_case(case: Case, device: str) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    def write(tmp: Path):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def main(argv=None) -> int:

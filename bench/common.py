@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import time
 import traceback
 from pathlib import Path
 
 import torch
+
+from fileio import atomic_write
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s, by a substring of
 # torch.cuda.get_device_name(); first match wins, so the specific names come first. Checked
@@ -99,10 +100,8 @@ def run_info(device: str, dry_run: bool) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    """Atomic: a run killed mid-write leaves the previous complete file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    """Atomic (fileio): a run killed mid-write leaves the previous complete file."""
+    atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
 def error_record(e: BaseException) -> dict:
