@@ -217,7 +217,7 @@ def test_bad_config_file_is_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--limit", "-3"], "--limit must be >= 1 (or -1 for all rows), got -3"),
+    (["--limit", "-3"], "--limit must be a positive row count or -1 (all), got -3"),
     (["--cutoff-len", "-1"], "--cutoff-len must be >= 1, got -1"),
     (["--data", "EMPTY"], "nothing to score: EMPTY holds no rows"),
     (["--out", "DIR"], "is a folder; give a file name"),
