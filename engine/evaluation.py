@@ -202,7 +202,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(f"scoring {source} with {'base ' + str(base) if adapter_dir is None else adapter_dir}")
     t0 = time.time()
     probs, labels, cut, n_tokens = score(model, tok, records, cfg.batch_size, cfg.cutoff_len,
-                                         policy.compute_dtype, progress=cfg.progress)
+                                         policy, progress=cfg.progress)
     seconds = time.time() - t0
     return {**metrics(probs, labels), "name": name,
             "ckpt": str(adapter_dir) if adapter_dir else "none", "base": str(base),

@@ -15,12 +15,14 @@ import torch
 from tqdm import tqdm
 
 from data.collate import TokenizeConfig, collate_eval, encode_all, pad_value
+from engine.precision import Precision
 
 
 @torch.no_grad()
 def score(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int = 512,
-          autocast_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "scoring"):
-    """-> (probs, labels, CutoffStats, n_tokens) with probs/labels in the records' order."""
+          precision: Precision | None = None, progress: bool = True, desc: str = "scoring"):
+    """-> (probs, labels, CutoffStats, n_tokens) with probs/labels in the records' order;
+    the forward passes run under `precision`'s autocast (None: as the weights are)."""
     yes_id, no_id = tok.answer_token_ids()
     examples, stats = encode_all(records, tok, TokenizeConfig(cutoff_len=cutoff_len), eval=True)
     device = next(model.parameters()).device
@@ -29,7 +31,7 @@ def score(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int
     probs = np.zeros(len(examples))
     was_training = model.training
     model.eval()
-    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext())
+    amp = precision.autocast(device) if precision is not None else nullcontext()
     n_tokens = 0
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -74,18 +73,18 @@ def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
 
 # -- validation ---------------------------------------------------------------------------
 
-def validate(model, tok, cfg: TrainConfig, val_records, val_examples, amp_dtype) -> dict:
+def validate(model, tok, cfg: TrainConfig, val_records, val_examples, policy) -> dict:
     """rt: AUC of P(Yes) on the validation rows; it: mean token loss."""
     if cfg.stage == "rt":
         probs, labels, _, _ = score(model, tok, val_records, cfg.eval_batch_size, cfg.cutoff_len,
-                                    amp_dtype, progress=False)
+                                    policy, progress=False)
         m = metrics(probs, labels)
         m["metric"] = m["auc"] if m["auc"] is not None else float("nan")
         return m
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    with torch.no_grad(), amp_context(device, amp_dtype):
+    with torch.no_grad(), policy.autocast(device):
         for i in range(0, len(val_examples), cfg.eval_batch_size):
             b = collate_train(val_examples[i:i + cfg.eval_batch_size], pad_value(tok))
             loss, n = causal_lm_loss(model, b["input_ids"].to(device),
@@ -94,10 +93,6 @@ def validate(model, tok, cfg: TrainConfig, val_records, val_examples, amp_dtype)
     model.train()
     val_loss = total / max(count, 1)
     return {"val_loss": val_loss, "metric": -val_loss}
-
-
-def amp_context(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 # -- checkpoints --------------------------------------------------------------------------
@@ -142,7 +137,7 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
     """Load the model and train, in a folder `train` has prepared."""
     out = Path(cfg.out)
     device, policy, tok = prep.device, prep.policy, prep.tok
-    amp_dtype, scaler = policy.compute_dtype, policy.make_scaler(device)
+    scaler = policy.make_scaler(device)
     torch.manual_seed(cfg.seed)
 
     # Model: the base with LoRA built in, optionally started from a stage-1 adapter.
@@ -197,7 +192,7 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             loss, n_tok = train_step(model, opt, scaler, [examples[i] for i in idx], tok, cfg,
-                                     device, amp_dtype, state.step)
+                                     device, policy, state.step)
             state.step += 1
             state.step_in_epoch += 1
             state.train_tokens += n_tok
@@ -208,7 +203,7 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
                 log.write(step=state.step, epoch=state.epoch, loss=loss, lr=lr,
                           tokens=state.train_tokens, tokens_per_s=tok_s)
             if state.step % eval_every == 0 or state.step == total_steps_run:
-                done = evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, amp_dtype,
+                done = evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, policy,
                                               state, out, log)
             if state.step % save_every == 0 or done or state.step == total_steps_run:
                 save_last(out, model, opt, scaler, state, cfg)
@@ -229,7 +224,7 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
     return result
 
 
-def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, amp_dtype, step):
+def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, policy, step):
     """One optimizer step over `batch` (accumulated micro-batches) -> (mean loss, tokens)."""
     micro = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
     n_loss_tokens = sum(sum(1 for y in e.labels[1:] if y != IGNORE_INDEX) for e in batch)
@@ -238,7 +233,7 @@ def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, amp_dty
     for mb in micro:
         b = collate_train(mb, pad_value(tok))
         ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-        with amp_context(device, amp_dtype):
+        with policy.autocast(device):
             loss, n = causal_lm_loss(model, ids, mask, b["labels"].to(device))
         if not torch.isfinite(loss) and not scaler.is_enabled():
             raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}; the "
@@ -259,12 +254,12 @@ def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, amp_dty
     return total_loss / max(n_loss_tokens, 1), n_tokens
 
 
-def evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, amp_dtype, state, out,
+def evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, policy, state, out,
                            log) -> bool:
     """Validate, keep the best adapter, and say whether early stopping ends the run."""
     if not val_rows:
         return False
-    m = validate(model, tok, cfg, val_rows, val_examples, amp_dtype)
+    m = validate(model, tok, cfg, val_rows, val_examples, policy)
     improved = not math.isnan(m["metric"]) and (state.best_metric is None
                                                 or m["metric"] > state.best_metric)
     if improved:

@@ -72,7 +72,7 @@ def test_p_yes_matches_transformers_per_row(smol_rows, smollm2):
     # 4: one padded batch; 3: two batches, put back in the input order
     for batch_size in (4, 3):
         probs, labels, _, _ = score(model, tok, smol_rows, batch_size=batch_size,
-                                    autocast_dtype=None, progress=False)
+                                    precision=None, progress=False)
         np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-4)
         assert labels.tolist() == [1, 0, 1, 0]
 
