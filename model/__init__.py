@@ -1,3 +1,12 @@
+"""The LLaMA model and everything that reads or writes it; imports kernels/ (the fused LoRA
+path) and the leaf paths.py, never data/ or engine/.
+
+config.py (LlamaConfig, presets, DEFAULT_BASE) · llama.py (the model) · lora.py (LoRA layers,
+built in when the model is built) · adapter.py (PEFT-format adapter files) · checkpoint.py
+(`load_base`: a base spec to a filled model and its tokenizer) · formats/ (HF, Meta and GGUF
+readers, each with its own config reader) · tokenizer.py (SentencePiece and byte-level BPE).
+"""
+
 from model.checkpoint import load_base, probe_base
 from model.config import DEFAULT_BASE, PRESETS, LlamaConfig
 from model.formats import CheckpointError
