@@ -263,24 +263,69 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+# --help groups the flags by what they set; a field not listed falls under "execution"
+GROUPS = {
+    "model": ("stage", "base", "tokenizer", "init_adapter"),
+    "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    "data": ("data_root", "domain", "data", "val_data", "shots", "val_size", "cutoff_len",
+             "train_on_inputs", "group_by_length"),
+    "optimisation": ("lr", "batch_size", "micro_batch_size", "epochs", "max_steps",
+                     "warmup_steps", "warmup_ratio", "lr_schedule", "weight_decay", "grad_clip",
+                     "step_mode"),
+    "evaluation": ("eval_every", "eval_every_epochs", "patience", "save_every",
+                   "eval_batch_size"),
+}
+# allowed values, listed in --help (TrainConfig.__post_init__ checks them, naming the flag)
+CHOICES = {"stage": ("it", "rt"), "domain": ("movie", "book", "both", "toy"),
+           "lr_schedule": ("linear", "cosine", "constant"), "step_mode": ("mean", "tallrec"),
+           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16")}
+
+
+def stage_of(argv: list[str] | None) -> str:
+    """The --stage an argument list asks for (rt when none or an unknown one): --help shows
+    that stage's defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--stage=") else \
+            argv[i + 1] if arg == "--stage" and i + 1 < len(argv) else None
+        if value in ("it", "rt"):
+            return value
+    return "rt"
+
+
+def build_parser(stage: str = "rt") -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, grouped, each with the default of `stage`'s preset."""
     p = argparse.ArgumentParser(
+        prog="train.py",
         description="LoRA-tune a LLaMA model: stage-1 instruction tuning (--stage it) or "
-                    "stage-2 few-shot rec-tuning (--stage rt), after TALLRec.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "stage-2 few-shot rec-tuning (--stage rt), after TALLRec. Values come from "
+                    "the --stage preset, then --config, then the flags given.",
+        epilog=f"defaults shown are those of --stage {stage}; "
+               f"`python train.py --stage {'it' if stage == 'rt' else 'rt'} --help` shows the "
+               f"other stage's.")
     p.add_argument("--config", help="JSON file of field values (flags given here override it)")
-    defaults = TrainConfig()
+    shown = TrainConfig(**PRESETS[stage])
+    base = TrainConfig()
+    groups = {name: p.add_argument_group(name) for name in (*GROUPS, "execution")}
+    where = {f: g for g, names in GROUPS.items() for f in names}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
+        default = getattr(base, f.name)
+        value = getattr(shown, f.name)
+        text = HELP[f.name]
+        if value is not None and "default" not in text:
+            value = ",".join(value) if isinstance(value, list) else value
+            text += f" (default: {value})"
+        kw: dict = dict(default=None, help=text)
+        if f.name in CHOICES:
+            kw["metavar"] = "{" + ",".join(CHOICES[f.name]) + "}"
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=HELP[f.name])
+            kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            p.add_argument(flag, nargs="+", default=None, help=HELP[f.name])
+            kw["nargs"] = "+"
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            p.add_argument(flag, type=kind, default=None, help=HELP[f.name])
+            kw["type"] = {int: int, float: float}.get(type(default), str)
+        groups[where.get(f.name, "execution")].add_argument(flag, **kw)
     return p
 
 
@@ -326,7 +371,7 @@ def resume_diff(saved: dict, values: dict) -> list[str]:
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Preset of --stage, then --config file, then explicit flags. With --resume, the run's
     saved config.json takes the place of the preset, and explicit settings must match it."""
-    args = parse_args(build_parser(), argv)
+    args = parse_args(build_parser(stage_of(argv)), argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
     values: dict = read_config_file(args.config) if args.config else {}
     known = {f.name for f in fields(TrainConfig)}

@@ -228,3 +228,21 @@ def test_config_file_and_presets(tmp_path):
     assert (it.lr, it.batch_size, it.cutoff_len, it.epochs) == (3e-4, 128, 256, 3)
     with pytest.raises(ValueError, match="--domain"):
         config_from_args(["--domain", "music"])
+
+
+def test_help_groups_flags_and_shows_the_stage_defaults():
+    from engine.config import build_parser, stage_of
+
+    assert stage_of(["--lr", "1", "--stage", "it"]) == "it" and stage_of([]) == "rt"
+    assert stage_of(["--stage=it"]) == "it"
+    for stage, lr in (("rt", "0.0001"), ("it", "0.0003")):
+        text = " ".join(build_parser(stage).format_help().split())
+        assert f"--lr LR peak learning rate (AdamW) (default: {lr})" in text
+        for group in ("model:", "LoRA:", "data:", "optimisation:", "evaluation:", "execution:"):
+            assert group in text
+    text = build_parser("rt").format_help()
+    for flag, values in (("--stage", "{it,rt}"), ("--domain", "{movie,book,both,toy}"),
+                         ("--lr-schedule", "{linear,cosine,constant}"),
+                         ("--device", "{auto,cpu,cuda}"), ("--precision", "{auto,fp32,bf16,fp16}")):
+        assert f"{flag} {values}" in text
+    assert "(default: None)" not in text
