@@ -34,7 +34,10 @@ _FAULT_COUNTS: dict[str, int] = {}
 def fault_point(point: str):
     """Fault injection for tests: TALLREC_KILL_AT=<point>[:<n>] SIGKILLs the process the n-th
     time (default first) it passes <point>; TALLREC_FAIL_AT=<point>[:<n>] raises ENOSPC there
-    instead, as a full disk would."""
+    instead, as a full disk would. With TALLREC_KILL_RANK=<r>, only torchrun's rank r."""
+    if os.environ.get("TALLREC_KILL_RANK", os.environ.get("RANK", "0")) != \
+            os.environ.get("RANK", "0"):
+        return
     for var in ("TALLREC_KILL_AT", "TALLREC_FAIL_AT"):
         want = os.environ.get(var)
         if not want:

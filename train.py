@@ -3,6 +3,7 @@
 (TALLRec few-shot rec-tuning). `python train.py --help` lists every flag."""
 
 import json
+import os
 import sys
 
 from engine.config import config_from_args
@@ -10,6 +11,8 @@ from fileio import describe
 
 
 def main(argv=None) -> int:
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for the run
+        sys.stdout = open(os.devnull, "w")
     try:
         cfg = config_from_args(argv)
     except (ValueError, OSError) as e:

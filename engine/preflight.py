@@ -95,10 +95,11 @@ class Prepared:
     checkpoint: tuple  # (last folder or None, trainer state or None), for --resume
 
 
-def preflight(cfg: TrainConfig) -> Prepared:
+def preflight(cfg: TrainConfig, world: int = 1) -> Prepared:
     """Every check that can be made before the (slow) model load, in the order a user can fix
     them: output folder, device, base header, tokenizer, adapter, data, memory. Writes
-    nothing, so a failed start leaves the output folder as it was."""
+    nothing, so a failed start leaves the output folder as it was. world: torchrun's ranks
+    (the memory plan is per rank)."""
     out = Path(cfg.out)
     check_out_dir(out, cfg.resume, cfg.overwrite)
     checkpoint = (None, None)
@@ -126,14 +127,15 @@ def preflight(cfg: TrainConfig) -> Prepared:
     tcfg = TokenizeConfig(cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
     examples, cut = encode_all(train_rows, tok, tcfg)
     val_examples = encode_all(val_rows, tok, tcfg)[0] if cfg.stage == "it" else []
-    plan_memory(cfg, base_cfg, device, policy, max(len(e.input_ids) for e in examples))
+    plan_memory(cfg, base_cfg, device, policy, max(len(e.input_ids) for e in examples), world)
     return Prepared(device, policy, tok, train_rows, val_rows, desc, synthetic, examples,
                     val_examples, cut.summary(), checkpoint)
 
 
-def plan_memory(cfg: TrainConfig, model_cfg, device, policy, seq_len: int):
+def plan_memory(cfg: TrainConfig, model_cfg, device, policy, seq_len: int, world: int = 1):
     """Print the memory plan of one micro-batch at the longest sample; refuse to start when
-    it exceeds the budget (--memory-budget, else the GPU's memory), naming a plan that fits."""
+    it exceeds the budget (--memory-budget, else the GPU's memory), naming a plan that fits.
+    Under torchrun (world > 1) it is each rank's plan, DDP's gradient buckets included."""
     budget = cfg.memory_budget
     if budget is None and device.type == "cuda":
         budget = torch.cuda.get_device_properties(device).total_memory
@@ -142,10 +144,11 @@ def plan_memory(cfg: TrainConfig, model_cfg, device, policy, seq_len: int):
     lora_impl = lora_path(lora.kernel, device.type, policy.compute_dtype or policy.weight_dtype,
                           cfg.micro_batch_size * seq_len, lora.r)
     backend = "efficient" if device.type == "cuda" else "cpu-flash"
-    kw = dict(lora=lora, precision=policy, backend=backend, lora_impl=lora_impl)
+    kw = dict(lora=lora, precision=policy, backend=backend, lora_impl=lora_impl,
+              ddp_world=world)
     p = plan(model_cfg, seq_len, cfg.micro_batch_size, checkpoint=cfg.checkpointing,
              budget=budget, **kw)
-    print(p.table() if budget is not None else f"memory plan: {p.summary()}")
+    print(p.table() if budget is not None or world > 1 else f"memory plan: {p.summary()}")
     if not p.fits:
         try:
             alt = choose(model_cfg, seq_len, budget, **kw)

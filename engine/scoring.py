@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import fields
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.collate import TokenizeConfig, collate_eval, encode_all, pad_value
+from data.collate import CutoffStats, TokenizeConfig, collate_eval, encode_all, pad_value
 from engine.precision import Precision
 
 
@@ -50,6 +51,22 @@ def score(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int
         model.train(was_training)
     labels = np.array([e.label for e in examples], dtype=np.int64)
     return probs, labels, stats, n_tokens
+
+
+def score_split(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int = 512,
+                precision: Precision | None = None, progress: bool = False,
+                desc: str = "scoring", dist=None):
+    """score() with the rows dealt across torchrun's ranks (engine.distributed.Dist) and
+    gathered back in order on every rank; without a process group it is score()."""
+    if dist is None or not dist.enabled:
+        return score(model, tok, records, batch_size, cutoff_len, precision, progress, desc)
+    part = score(model, tok, dist.shard(records), batch_size, cutoff_len, precision,
+                 progress and dist.is_main, desc)
+    parts = dist.gather(part)
+    stats = CutoffStats(**{f.name: sum(getattr(p[2], f.name) for p in parts)
+                           for f in fields(CutoffStats)})
+    return (dist.unshard([p[0] for p in parts]), dist.unshard([p[1] for p in parts]), stats,
+            sum(p[3] for p in parts))
 
 
 def metrics(probs, labels) -> dict:

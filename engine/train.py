@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,10 @@ from tqdm import tqdm
 
 from data.collate import IGNORE_INDEX, collate_train, pad_value
 from engine.config import TrainConfig
+from engine.distributed import Dist, NoLog, from_env, rank_seed
 from engine.loss import causal_lm_loss
 from engine.preflight import Prepared, TrainingError, load_data, preflight  # noqa: F401
-from engine.scoring import metrics, score
+from engine.scoring import metrics, score_split
 from engine.state import (
     MetricsLog,
     TrainState,
@@ -73,17 +75,21 @@ def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
 
 # -- validation ---------------------------------------------------------------------------
 
-def validate(model, tok, cfg: TrainConfig, val_records, val_examples, policy) -> dict:
-    """rt: AUC of P(Yes) on the validation rows; it: mean token loss."""
+def validate(model, tok, cfg: TrainConfig, val_records, val_examples, policy,
+             dist: Dist | None = None) -> dict:
+    """rt: AUC of P(Yes) on the validation rows; it: mean token loss. Under torchrun each
+    rank takes its share of the rows and every rank gets the same result."""
     if cfg.stage == "rt":
-        probs, labels, _, _ = score(model, tok, val_records, cfg.eval_batch_size, cfg.cutoff_len,
-                                    policy, progress=False)
+        probs, labels, _, _ = score_split(model, tok, val_records, cfg.eval_batch_size,
+                                          cfg.cutoff_len, policy, dist=dist)
         m = metrics(probs, labels)
         m["metric"] = m["auc"] if m["auc"] is not None else float("nan")
         return m
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
+    if dist is not None and dist.enabled:
+        val_examples = dist.shard(val_examples)
     with torch.no_grad(), policy.autocast(device):
         for i in range(0, len(val_examples), cfg.eval_batch_size):
             b = collate_train(val_examples[i:i + cfg.eval_batch_size], pad_value(tok))
@@ -91,18 +97,27 @@ def validate(model, tok, cfg: TrainConfig, val_records, val_examples, policy) ->
                                      b["attention_mask"].to(device), b["labels"].to(device))
             total, count = total + float(loss) * n, count + n
     model.train()
+    if dist is not None and dist.enabled:
+        total, count = dist.sum(total, count)
     val_loss = total / max(count, 1)
     return {"val_loss": val_loss, "metric": -val_loss}
 
 
 # -- checkpoints --------------------------------------------------------------------------
 
-def save_last(out: Path, model, opt, scaler, state: TrainState, cfg: TrainConfig):
+def save_last(out: Path, model, opt, scaler, state: TrainState, cfg: TrainConfig,
+              dist: Dist | None = None):
+    rng = rng_state()
+    if dist is not None and dist.enabled:  # every rank's stream, so that --resume is exact
+        rng = {**rng, "ranks": dist.gather(rng)}
+        if not dist.is_main:
+            return
+
     def write(folder):
         save_adapter(model, folder, base_name=cfg.base)
         save_trainer_state(folder / "trainer_state.pt",
                            {"state": state.__dict__, "optimizer": opt.state_dict(),
-                            "scaler": scaler.state_dict(), "rng": rng_state()})
+                            "scaler": scaler.state_dict(), "rng": rng})
     atomic_write_dir(out / "last", write)
 
 
@@ -117,13 +132,21 @@ def save_best(out: Path, model, state: TrainState, cfg: TrainConfig, m: dict):
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
-    prep = preflight(cfg)
+    dist = from_env(cfg.device)  # under torchrun: a process group; else one process
+    dist.device(cfg.device)  # under torchrun on CUDA: this rank's GPU becomes the current one
+    prep = preflight(cfg, dist.world)
     try:
-        # Only now is anything written: the folder, then the settings.
-        prepare_out_dir(out, cfg.resume, cfg.overwrite)
-        if not cfg.resume:
-            atomic_write_json(out / "config.json", cfg.to_dict())
-        return run(cfg, prep, progress)
+        # Only now is anything written: the folder, then the settings (rank 0 alone, after
+        # every rank has checked the folder as it was).
+        if dist.enabled:
+            dist.barrier()
+        if dist.is_main:
+            prepare_out_dir(out, cfg.resume, cfg.overwrite)
+            if not cfg.resume:
+                atomic_write_json(out / "config.json", cfg.to_dict())
+        if dist.enabled:
+            dist.barrier()
+        return run(cfg, prep, progress and dist.is_main, dist)
     except WriteError as e:
         saved = find_dir(out / "last")
         kept = (f"kept the last good checkpoint {saved}" if saved is not None
@@ -133,7 +156,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         raise TrainingError(f"{e}; {kept}; fix that, then run {how}") from None
 
 
-def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
+def run(cfg: TrainConfig, prep: Prepared, progress: bool, dist: Dist | None = None) -> dict:
     """Load the model and train, in a folder `train` has prepared."""
     out = Path(cfg.out)
     device, policy, tok = prep.device, prep.policy, prep.tok
@@ -148,6 +171,9 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
         load_adapter(model, cfg.init_adapter)  # checks rank, targets and every shape
         print(f"initialised LoRA from {cfg.init_adapter} (trained on base {init_base})")
     model.checkpoint_every = cfg.checkpoint_every()
+    dist = dist or Dist()
+    if dist.rank > 0:  # same LoRA init on every rank, but each its own dropout stream
+        torch.manual_seed(rank_seed(cfg.seed, dist.rank))
     n_trainable = mark_only_lora_trainable(model)
     print(f"trainable LoRA parameters: {n_trainable:,} "
           f"({100 * n_trainable / model.cfg.n_params:.3f}% of {model.cfg.n_params:,})")
@@ -175,11 +201,14 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        set_rng_state(ckpt["rng"])
+        set_rng_state(dist.own_rng(ckpt["rng"]))
         print(f"resumed from {last} at step {state.step}")
     elif cfg.resume:
         print(f"--resume: {out} has no checkpoint yet; starting it from step 0")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=state.step if cfg.resume else None)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=state.step if cfg.resume else None) \
+        if dist.is_main else NoLog()
+    if dist.enabled:
+        dist.wrap(model)  # after any adapter loading: DDP broadcasts rank 0's values
     model.train()
     bar = tqdm(total=total_steps_run, initial=state.step, desc=f"{cfg.stage} training",
                unit="step", disable=not progress)
@@ -192,7 +221,7 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             loss, n_tok = train_step(model, opt, scaler, [examples[i] for i in idx], tok, cfg,
-                                     device, policy, state.step)
+                                     device, policy, state.step, dist)
             state.step += 1
             state.step_in_epoch += 1
             state.train_tokens += n_tok
@@ -204,9 +233,9 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
                           tokens=state.train_tokens, tokens_per_s=tok_s)
             if state.step % eval_every == 0 or state.step == total_steps_run:
                 done = evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, policy,
-                                              state, out, log)
+                                              state, out, log, dist)
             if state.step % save_every == 0 or done or state.step == total_steps_run:
-                save_last(out, model, opt, scaler, state, cfg)
+                save_last(out, model, opt, scaler, state, cfg, dist)
             fault_point(f"step-{state.step}")
             if done or state.step >= total_steps_run:
                 done = True
@@ -220,30 +249,43 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool) -> dict:
               "stopped_early": state.stopped_early, "train_tokens": state.train_tokens,
               "trainable_params": n_trainable, "synthetic_data": prep.synthetic,
               "adapter": str(out / ("best" if state.best_step is not None else "last"))}
-    atomic_write_json(out / "result.json", result)
+    if dist.is_main:
+        atomic_write_json(out / "result.json", result)
+    dist.close()
     return result
 
 
-def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, policy, step):
+def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, policy, step,
+               dist: Dist | None = None):
     """One optimizer step over `batch` (accumulated micro-batches) -> (mean loss, tokens)."""
     micro = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
     n_loss_tokens = sum(sum(1 for y in e.labels[1:] if y != IGNORE_INDEX) for e in batch)
     accum = max(1, cfg.batch_size // cfg.micro_batch_size)
     total_loss, n_tokens = 0.0, 0
-    for mb in micro:
+    # Under torchrun: this rank's pieces of the step, each with a loss factor (distributed.py)
+    ddp = dist is not None and dist.enabled
+    pieces = dist.pieces(micro, cfg.step_mode) if ddp else [(mb, None) for mb in micro]
+    loss_model = dist.loss_model if ddp else model
+    for i, (mb, factor) in enumerate(pieces):
         b = collate_train(mb, pad_value(tok))
         ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-        with policy.autocast(device):
-            loss, n = causal_lm_loss(model, ids, mask, b["labels"].to(device))
-        if not torch.isfinite(loss) and not scaler.is_enabled():
-            raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}; the "
-                                f"adapter was not updated and no checkpoint was written")
-        # mean: token-weighted over the whole step; tallrec: HF Trainer's loss / accum steps
-        weight = n / max(n_loss_tokens, 1) if cfg.step_mode == "mean" else 1.0 / accum
-        scaled = loss * weight
-        scaler.scale(scaled).backward()  # a no-op scale unless fp16
-        total_loss += float(loss.detach()) * n
-        n_tokens += int(mask.sum())
+        with dist.sync(i, len(pieces)) if ddp else nullcontext():
+            with policy.autocast(device):
+                loss, n = causal_lm_loss(loss_model, ids, mask, b["labels"].to(device))
+            if not torch.isfinite(loss) and not scaler.is_enabled():
+                raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step "
+                                    f"{step + 1}; the adapter was not updated and no "
+                                    f"checkpoint was written")
+            # mean: token-weighted over the whole step; tallrec: HF Trainer's loss / accum steps
+            weight = n / max(n_loss_tokens, 1) if cfg.step_mode == "mean" else 1.0 / accum
+            scaled = loss * weight if factor is None else loss * weight * factor
+            scaler.scale(scaled).backward()  # a no-op scale unless fp16
+        if factor != 0.0:  # 0: a rank's stand-in piece, there only to join the all-reduce
+            total_loss += float(loss.detach()) * n
+            n_tokens += int(mask.sum())
+    if ddp:
+        total_loss, n_tokens = dist.sum(total_loss, n_tokens)
+        n_tokens = int(n_tokens)
     scaler.unscale_(opt)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
@@ -255,16 +297,17 @@ def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, policy,
 
 
 def evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, policy, state, out,
-                           log) -> bool:
+                           log, dist: Dist | None = None) -> bool:
     """Validate, keep the best adapter, and say whether early stopping ends the run."""
     if not val_rows:
         return False
-    m = validate(model, tok, cfg, val_rows, val_examples, policy)
+    m = validate(model, tok, cfg, val_rows, val_examples, policy, dist)
     improved = not math.isnan(m["metric"]) and (state.best_metric is None
                                                 or m["metric"] > state.best_metric)
     if improved:
         state.best_metric, state.best_step, state.bad_evals = m["metric"], state.step, 0
-        save_best(out, model, state, cfg, m)
+        if dist is None or dist.is_main:
+            save_best(out, model, state, cfg, m)
     else:
         state.bad_evals += 1
     log.write(step=state.step, **{f"val_{k}" if not k.startswith("val") else k: v

@@ -45,6 +45,8 @@ class Plan:
     lora_params: int = 0
     lora_grads: int = 0
     optimizer: int = 0
+    ddp_world: int = 1  # ranks under torchrun; this is one rank's plan
+    ddp_buckets: int = 0  # DDP's flat all-reduce buckets: a copy of every trainable grad
     activations: dict[str, int] = field(default_factory=dict)  # by part, for the micro-batch
     layer_tensors: dict[str, int] = field(default_factory=dict)  # one full block, by tensor
     recompute: int = 0
@@ -71,7 +73,8 @@ class Plan:
 
     @property
     def persistent(self) -> int:
-        return self.weights + self.lora_params + self.lora_grads + self.optimizer
+        return self.weights + self.lora_params + self.lora_grads + self.optimizer + \
+            self.ddp_buckets
 
     @property
     def peak(self) -> int:
@@ -115,6 +118,9 @@ class Plan:
             ("LoRA grads (fp32)", fmt_bytes(self.lora_grads)),
             ("AdamW states (fp32)", fmt_bytes(self.optimizer)),
         ]
+        if self.ddp_world > 1:
+            rows.insert(0, ("per rank", f"one of {self.ddp_world} DDP ranks"))
+            rows.append(("DDP gradient buckets (fp32)", fmt_bytes(self.ddp_buckets)))
         rows += [(f"activations: {k}", fmt_bytes(v)) for k, v in self.activations.items()]
         rows += [
             ("recompute of one block", fmt_bytes(self.recompute)),
@@ -138,7 +144,7 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
          lora: LoRAConfig | None = None, precision: str | Precision = "bf16",
          checkpoint: str | int = "none", backend: str = "flash", lora_impl: str = "triton",
          padded: bool = True, loss_chunk: int = 1024, budget: str | int | None = None,
-         reserve: str | int = GiB) -> Plan:
+         reserve: str | int = GiB, ddp_world: int = 1) -> Plan:
     """The memory of one training step. backend: SDPA kernel ('flash'/'efficient' on CUDA,
     'cpu-flash' on CPU, 'math' anywhere; CUDA flash takes no mask, so padded -> efficient).
     lora_impl: 'triton' (the fused kernel) or 'torch' (cuBLAS + addmm_): what
@@ -168,6 +174,10 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
     p.weights = cfg.n_params * prec.weight_bytes
     p.lora_params = p.lora_grads = n_lora * 4
     p.optimizer = n_lora * 8 + n_lora_tensors * 4  # exp_avg, exp_avg_sq, and a 0-dim fp32 step
+    if ddp_world > 1:
+        # DDP (gradient_as_bucket_view off) copies grads into flat fp32 buckets of the
+        # trainable parameters; every bucket is allocated for the whole run.
+        p.ddp_world, p.ddp_buckets = ddp_world, n_lora * 4
 
     # Walk the blocks as the model does: block i is checkpointed when k and i % k == 0.
     stored, ckpt_inputs, consts, rg = 0, 0, {}, False
