@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engine.config import TrainConfig
+from engine.precision import get_precision
 from engine.train import load_data, train, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def _step_deltas(cfg: TrainConfig, dist_obj=None) -> list[dict]:
         opt = torch.optim.SGD(list(params.values()), lr=1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         loss, n_tok = train_step(model, opt, scaler, examples[:n], tok, c, torch.device("cpu"),
-                                 None, 0, dist_obj)
+                                 get_precision("fp32"), 0, dist_obj)
         out.append({"loss": loss, "tokens": n_tok,
                     "delta": {k: p.detach() - before[k] for k, p in params.items()}})
     return out
