@@ -3,6 +3,7 @@ committed cpu-small grid staying valid, semantic-history runs end to end on a ti
 and the summary's status, like-rate row, semantic table and atomic writes."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -146,11 +147,12 @@ def test_summary_is_replaced_whole(tmp_path, monkeypatch):
     before = path.read_text()
     _eval(tmp_path, "z2", "rt", 0.6, 0, 16, "movie")
 
-    def broken(self, *a, **k):  # the process dies halfway through writing
-        Path.write_bytes(self, b"half")
+    def broken(fd):  # the process dies after writing the new text, before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_text", broken)
+    monkeypatch.setattr(os, "fsync", broken)  # fileio flushes every file before renaming it
     with pytest.raises(KeyboardInterrupt):
         write_summary(tmp_path, 2)
+    monkeypatch.undo()
     assert path.read_text() == before
+    assert not list(path.parent.glob(".summary.md*"))  # and no temporary file is left
