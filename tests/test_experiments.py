@@ -166,6 +166,47 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(data_root, tmp_path, monkey
     assert all(r["status"] == "ok" for r in results(out).values())
 
 
+def test_two_workers_give_the_results_of_one(grid_out, data_root, tmp_path):
+    # seed 0 of the tiny grid in 2 worker processes x 1 thread; the module's grid ran the
+    # same runs (same names and hashes) in this process, one at a time, on 1 thread
+    out_one, _ = grid_out
+    out = tmp_path / "w2"
+    counts = run_grid(tiny(out, data_root, seeds=[0]), progress=False, workers=2, threads=1)
+    one, two = results(out_one), results(out)
+    assert counts["ran"] == len(two) == 11 and counts["failed"] == 0
+    assert len({r["pid"] for r in two.values()}) == 2  # both workers took runs
+    for name, r in two.items():
+        assert r["status"] == "ok" and r["hash"] == one[name]["hash"], name
+        if r["kind"] == "eval":
+            assert r["probs"] == one[name]["probs"] and r["auc"] == one[name]["auc"], name
+    for name in ("rt-toy-k16-s0", "itrt-toy-k8-s0"):
+        a = (out_one / "runs" / name / "train" / "last" / "adapter_model.safetensors")
+        b = (out / "runs" / name / "train" / "last" / "adapter_model.safetensors")
+        assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_run_lock_excludes_a_second_worker_and_dies_with_its_owner(tmp_path):
+    from engine.experiments.workers import try_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from engine.experiments.workers import try_lock; "
+         "lock = try_lock(Path(sys.argv[1])); print(lock is not None, flush=True); "
+         "time.sleep(120)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert try_lock(tmp_path) is None  # a live owner: no second worker on this run
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()  # SIGKILL: the owner crashes, nothing of it cleans up
+        holder.wait()
+    lock = try_lock(tmp_path)  # the crashed worker's run is free again
+    assert lock is not None
+    assert try_lock(tmp_path) is None  # and held once more, by us
+    lock.release()
+    assert try_lock(tmp_path) is not None
+
+
 def _eval_result(folder, variant, auc, seed=None, shots=None, train_domain=None,
                  eval_domain="movie", status="ok"):
     meta = {"variant": variant, "seed": seed, "shots": shots, "train_domain": train_domain,

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baseline result files to add to Table 2, as `python -m baselines "
                         "--out FILE` writes them (files in <out>/baselines/ are read anyway)")
     p.add_argument("--no-progress", action="store_true", help="hide per-step progress bars")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs in parallel: worker processes sharing the --out cache, one GPU "
+                        "each (round robin), or on CPU a share of the cores each; workers on "
+                        "other machines may share the same --out (see the README)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per worker (default: cores / workers)")
     return p
 
 
@@ -117,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                                  baseline_files=baseline_files)
 
         if not args.summary_only:
-            run_grid(grid, progress=not args.no_progress, plan_only=args.plan,
-                     on_result=summarize)
+            if args.workers < 1 or (args.threads is not None and args.threads < 1):
+                raise ValueError("--workers and --threads must be >= 1")
+            run_grid(grid, progress=not args.no_progress and args.workers == 1,
+                     plan_only=args.plan, on_result=summarize, workers=args.workers,
+                     threads=args.threads)
             if args.plan:
                 return 0
     except (ValueError, OSError) as e:

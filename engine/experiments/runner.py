@@ -133,9 +133,11 @@ def ensure_semantic_data(grid: GridConfig) -> Path:
 
 
 def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
-             on_result: Callable[[], None] | None = None) -> dict:
-    """Plan, print the plan with an ETA, run what is not cached; -> counts and statuses.
-    `on_result` is called after every finished run (the CLI rewrites the summary there)."""
+             on_result: Callable[[], None] | None = None, workers: int = 1,
+             threads: int | None = None) -> dict:
+    """Plan, print the plan with an ETA, run what is not cached (in this process, or in
+    `workers` worker processes: workers.py); -> counts and statuses. `on_result` is called
+    after every run this process finishes (the CLI rewrites the summary there)."""
     runs = plan_runs(grid)
     est = Estimator(grid)
     est.check_pools()  # shots larger than a training pool: an error before any work
@@ -147,52 +149,107 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
     if plan_only:
         return {"planned": len(runs), "todo": len(todo), "eta_s": sum(seconds[r.name]
                                                                      for r in todo)}
-    adapters: dict[str, str] = {}  # train run name -> adapter folder of a finished run
-    for r in runs:
-        if r.kind == "train" and status[r.name] == "done":
-            adapters[r.name] = read_json(run_dir(grid, r) / "result.json")["adapter"]
-    t_start, left = time.time(), sum(seconds[r.name] for r in todo)
+    t_start = time.time()
+    if workers > 1:
+        from engine.experiments.workers import run_workers
+
+        run_workers(grid, workers, seconds, t_start, threads, on_result)
+    else:
+        work(grid, runs, seconds, progress, t_start, on_result=on_result)
     counts = {"ran": 0, "failed": 0, "cached": len(runs) - len(todo)}
-    for i, run in enumerate(todo, 1):
-        folder = run_dir(grid, run)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "spec.json", {"name": run.name, "hash": run.hash,
-                                                 "spec": run.spec, "meta": run.meta})
-        print(f"[{i}/{len(todo)}] {run.name} ({status[run.name]}, est. "
-              f"{fmt_s(seconds[run.name])}; grid ETA {fmt_s(left)})", flush=True)
-        t0 = time.time()
-        try:
-            if run.needs is not None and run.needs not in adapters:
-                raise RuntimeError(f"needs {run.needs}, which did not finish (see its log)")
-            if "history" in run.spec:
-                ensure_semantic_data(grid)
-            with tee_to(folder / "log.txt", progress):
-                payload = execute(grid, run, adapters, status[run.name], progress)
-            result = {"status": "ok", **payload}
-            counts["ran"] += 1
-        except Exception as e:  # recorded with its traceback; the grid goes on
-            with open(folder / "log.txt", "a") as log:
-                log.write(traceback.format_exc())
-            result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                      "log": str(folder / "log.txt")}
-            counts["failed"] += 1
-            print(f"  FAILED: {result['error']} (log: {folder / 'log.txt'})", flush=True)
-        took = time.time() - t0
-        atomic_write_json(folder / "result.json", {**result, "name": run.name,
-                                                   "hash": run.hash, "kind": run.kind,
-                                                   "meta": run.meta, "seconds": round(took, 2)})
-        if result["status"] == "ok":
-            if run.kind == "train":
-                adapters[run.name] = result["adapter"]
-            print("  done in " + fmt_s(took) + (f": AUC {result['auc']:.4f}"
-                                                 if result.get("auc") is not None else ""))
-        left -= seconds[run.name]
-        if on_result is not None:
-            on_result()
+    for r in todo:  # what this invocation's workers finished
+        result = read_json(run_dir(grid, r) / "result.json") or {}
+        if result.get("hash") == r.hash and result.get("finished", 0) >= t_start:
+            counts["ran" if result["status"] == "ok" else "failed"] += 1
     counts["seconds"] = round(time.time() - t_start, 1)
     print(f"grid: {counts['ran']} ran, {counts['cached']} cached, {counts['failed']} failed "
           f"in {fmt_s(counts['seconds'])}")
     return counts
+
+
+def finished(grid: GridConfig, run: Run, since: float) -> str | None:
+    """ok (ever, with this hash), failed (in this invocation), else None: still to run."""
+    result = read_json(run_dir(grid, run) / "result.json")
+    if result is None or result.get("hash") != run.hash:
+        return None
+    if result["status"] == "ok":
+        return "ok"
+    return "failed" if result.get("finished", 0) >= since else None  # older: retried
+
+
+def work(grid: GridConfig, runs: list[Run], seconds: dict, progress: bool, since: float,
+         tag: str = "", on_result: Callable[[], None] | None = None):
+    """Take and run, in plan order, every run whose dependency is finished, until none is
+    left. A run is taken under its lock (workers.try_lock): other workers skip it; a run
+    held or needed elsewhere is waited for. One worker runs the plan order exactly."""
+    from engine.experiments.workers import POLL_S, try_lock
+
+    final: dict[str, str] = {}
+    n_done = 0
+    while True:
+        for r in runs:
+            if r.name not in final and (f := finished(grid, r, since)) is not None:
+                final[r.name] = f
+        left = [r for r in runs if r.name not in final]
+        if not left:
+            return
+        for run in left:
+            if run.needs is not None and run.needs not in final:
+                continue
+            lock = try_lock(run_dir(grid, run))
+            if lock is None:
+                continue
+            with lock:
+                if finished(grid, run, since) is None:  # not finished while we looked
+                    n_done += 1
+                    eta = sum(seconds[r.name] for r in left)
+                    final[run.name] = run_one(grid, run, final.get(run.needs), progress,
+                                              f"{tag}[{n_done}/{len(left) + n_done - 1}]", eta,
+                                              seconds[run.name])
+                    if on_result is not None:
+                        on_result()
+            break
+        else:
+            time.sleep(POLL_S)
+
+
+def run_one(grid: GridConfig, run: Run, needed: str | None, progress: bool, label: str,
+            eta: float, est: float) -> str:
+    """Run one (locked) run and write its result.json: -> ok | failed."""
+    folder = run_dir(grid, run)
+    state = "resume" if run.kind == "train" and find_dir(folder / "train" / "last") else "todo"
+    atomic_write_json(folder / "spec.json", {"name": run.name, "hash": run.hash,
+                                             "spec": run.spec, "meta": run.meta})
+    print(f"{label} {run.name} ({state}, est. {fmt_s(est)}; grid ETA {fmt_s(eta)})", flush=True)
+    t0 = time.time()
+    try:
+        if run.needs is not None and needed != "ok":
+            raise RuntimeError(f"needs {run.needs}, which did not finish (see its log)")
+        if "history" in run.spec:
+            ensure_semantic_data(grid)
+        adapters = {}
+        if run.needs is not None:
+            adapters[run.needs] = read_json(Path(grid.out) / "runs" / run.needs
+                                           / "result.json")["adapter"]
+        with tee_to(folder / "log.txt", progress):
+            payload = execute(grid, run, adapters, state, progress)
+        result = {"status": "ok", **payload}
+    except Exception as e:  # recorded with its traceback; the grid goes on
+        with open(folder / "log.txt", "a") as log:
+            log.write(traceback.format_exc())
+        result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                  "log": str(folder / "log.txt")}
+        print(f"  FAILED: {result['error']} (log: {folder / 'log.txt'})", flush=True)
+    took = time.time() - t0
+    atomic_write_json(folder / "result.json", {**result, "name": run.name, "hash": run.hash,
+                                               "kind": run.kind, "meta": run.meta,
+                                               "seconds": round(took, 2),
+                                               "finished": time.time(), "pid": os.getpid()})
+    if result["status"] == "ok":
+        print(f"  {run.name} done in " + fmt_s(took)
+              + (f": AUC {result['auc']:.4f}" if result.get("auc") is not None else ""),
+              flush=True)
+    return result["status"]
 
 
 def execute(grid, run: Run, adapters, state: str, progress: bool) -> dict:
