@@ -23,6 +23,7 @@ from model.formats.hf import read_hf
 from model.formats.meta import read_meta
 from model.llama import Llama
 from model.lora import LoRAConfig, lora_modules
+from model.quant import QuantError, QWeight, check_mode, install, is_quantizable, quantize_weight
 from model.tokenizer import BPETokenizer, Tokenizer, TokenizerError, load_tokenizer
 from paths import cache_dir
 from paths import data_root as resolve_data_root
@@ -73,8 +74,11 @@ def resolve_base(spec: str | Path | None, data_root: str | Path | None = None) -
     return Path(spec)
 
 
-def _fill(model: Llama, tensors, dtype: torch.dtype, device, show_progress: bool, cfg_source):
-    """Assign each checkpoint tensor to the meta-built model, checking names and shapes."""
+def _fill(model: Llama, tensors, dtype: torch.dtype, device, show_progress: bool, cfg_source,
+          quant: str = "none", quant_kernel: str = "auto"):
+    """Assign each checkpoint tensor to the meta-built model, checking names and shapes.
+    With `quant`, each decoder Linear weight is quantized as it arrives (or arrives quantized:
+    GGUF blocks), so the dense model never exists in memory."""
     expected = {n: p for n, p in model.named_parameters(remove_duplicate=True)
                 if not n.endswith(("lora_a", "lora_b"))}
     if model.cfg.tie_embeddings:
@@ -92,6 +96,14 @@ def _fill(model: Llama, tensors, dtype: torch.dtype, device, show_progress: bool
         if tuple(t.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)} but the "
                                   f"config ({cfg_source}) implies {tuple(expected[name].shape)}")
+        if quant != "none" and is_quantizable(name):
+            qw = t if isinstance(t, QWeight) else quantize_weight(t, quant, f"{source}: {name}")
+            install(model, name, qw._replace(**{f: getattr(qw, f).to(device) for f in
+                                                ("data", "scales", "scales2")
+                                                if getattr(qw, f) is not None}), quant_kernel)
+            seen.add(name)
+            bar.update(1)
+            continue
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, leaf, torch.nn.Parameter(t.to(device=device, dtype=dtype),
@@ -111,7 +123,8 @@ def _random_tensors(model: Llama, source: str, dtype, device):
     model whatever the LoRA settings or the run's seed, so an adapter trained on it can be
     evaluated on it later."""
     g = torch.Generator(device=device).manual_seed(0)
-    for name, p in model.named_parameters():
+    # A list: _fill may swap modules (quantized weights) while this generator runs.
+    for name, p in list(model.named_parameters()):
         if name.endswith(("lora_a", "lora_b")) or (model.cfg.tie_embeddings
                                                    and name == "lm_head.weight"):
             continue
@@ -129,11 +142,18 @@ def _check_vocab(tokenizer: Tokenizer | None, cfg: LlamaConfig, where):
 
 
 def open_base(spec: str | Path | None = None, tokenizer: str | Path | Tokenizer | None = None,
-              data_root: str | Path | None = None):
+              data_root: str | Path | None = None, quant: str = "none"):
     """Read a base's config, tokenizer and tensor index, and no weights: every check that
-    can fail without loading the model (file found, headers readable, tokenizer fits).
+    can fail without loading the model (file found, headers readable, tokenizer fits, the
+    quantization possible for this format).
     -> (path or random spec, LlamaConfig, tensor iterator or None, tokenizer or None)."""
+    check_mode(quant)
     path = resolve_base(spec, data_root)
+    if quant == "gguf" and not (isinstance(path, Path) and path.suffix == ".gguf"):
+        kind = "a random: preset" if isinstance(path, str) else "not a .gguf file"
+        raise QuantError(f"--quant gguf keeps a GGUF checkpoint's own blocks, but base {spec!r} "
+                         f"is {kind}; use --quant int8 or nf4 (quantized on load), or a .gguf "
+                         f"base")
     tok = None
     if isinstance(path, str):  # random:<preset>
         cfg, tensors = LlamaConfig.from_preset(path.split(":", 1)[1]), None
@@ -144,7 +164,7 @@ def open_base(spec: str | Path | None = None, tokenizer: str | Path | Tokenizer 
                                   f"folder; or a .gguf file)")
         near = tokenizer is None  # an explicit tokenizer replaces the one found with the base
         if path.is_file() and path.suffix == ".gguf":
-            cfg, fields, tensors = read_gguf(path)
+            cfg, fields, tensors = read_gguf(path, keep_blocks=quant == "gguf")
             if near and "tokenizer.ggml.model" in fields:
                 tok = BPETokenizer.from_gguf_fields(fields, str(path))
         elif path.is_dir() and (path / "config.json").is_file():
@@ -173,11 +193,14 @@ def probe_base(spec: str | Path | None = None, tokenizer: str | Path | Tokenizer
 def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", lora: LoRAConfig | None = None,
               tokenizer: str | Path | Tokenizer | None = None, seed: int = 0,
-              data_root: str | Path | None = None):
+              data_root: str | Path | None = None, quant: str = "none",
+              quant_kernel: str = "auto"):
     """-> (model, tokenizer). LoRA layers, if asked for, are built in and freshly initialised
     (A Kaiming-uniform, B zero, in fp32), so the returned model equals the base model.
-    `tokenizer` (a path or an already loaded Tokenizer) replaces the one found with the base."""
-    path, cfg, tensors, tok = open_base(spec, tokenizer, data_root)
+    `tokenizer` (a path or an already loaded Tokenizer) replaces the one found with the base.
+    quant: the frozen decoder Linear weights as int8 / nf4 / nf4-dq (quantized on load) or the
+    GGUF file's own blocks (gguf); see model/quant.py."""
+    path, cfg, tensors, tok = open_base(spec, tokenizer, data_root, quant)
     device = torch.device(device)
     with torch.device("meta"):
         model = Llama(cfg, lora)
@@ -186,7 +209,7 @@ def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32
     size = cfg.n_params * torch.finfo(dtype).bits // 8
     cfg_source = (path / "config.json" if (path / "config.json").is_file() else
                   path / "params.json") if isinstance(path, Path) and path.is_dir() else path
-    _fill(model, tensors, dtype, device, show_progress=size > (1 << 30), cfg_source=cfg_source)
+    _fill(model, tensors, dtype, device, size > (1 << 30), cfg_source, quant, quant_kernel)
     torch.manual_seed(seed)
     for m in lora_modules(model).values():
         m.reset_lora_parameters(device)

@@ -100,6 +100,10 @@ class LoRALinear(nn.Module):
                 raise LoRAError("training through a merged LoRA layer; call unmerge_lora first")
             return F.linear(x, self.weight)
         p = self.dropout if self.training else 0.0
+        if self.quantized:
+            from model.quant import lora_forward  # the base matmul dequantizes W itself
+
+            return lora_forward(self, x, p)
         if self.use_fused(x):
             # Imported here: Triton is only needed where the kernel runs.
             from kernels.lora import lora_linear
@@ -114,12 +118,20 @@ class LoRALinear(nn.Module):
         tokens = x.numel() // self.in_features
         return lora_path(self.kernel, x.device.type, dtype, tokens, self.r) == "triton"
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen weight is a model.quant.QuantizedWeight, not a dense tensor."""
+        return not isinstance(self.weight, torch.Tensor)
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_b.float() @ self.lora_a.float())  # (out, in), fp32
 
     @torch.no_grad()
     def merge(self):
+        if self.quantized:
+            raise LoRAError("cannot merge LoRA into a quantized base weight (rounding would "
+                            "change the adapter); load the base with --quant none to merge")
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True

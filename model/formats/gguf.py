@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kernels.quant_reference import QWeight, check_shape
 from model.config import ConfigError, LlamaConfig
 from model.formats import CheckpointError, permute_rotary
+from model.quant import is_quantizable
 
 # Each type here is tested against a file the gguf package itself writes; it cannot write
 # K-quants (Q4_K, Q6_K: quantize raises NotImplementedError), so those stay unsupported.
@@ -74,7 +76,24 @@ def gguf_name(key: str) -> str | None:
     return f"{TOP_MAP[stem]}.{suffix}" if stem in TOP_MAP else None
 
 
-def read_gguf(path: Path):
+KEEP_BLOCKS = ("Q8_0", "Q4_0", "Q4_1")  # the block formats --quant gguf trains on directly
+
+
+def _raw_blocks(t, name: str, path) -> QWeight:
+    """A Linear weight's blocks exactly as stored: (out, in/32 · block bytes) uint8 rows."""
+    kind = t.tensor_type.name
+    if kind not in KEEP_BLOCKS:
+        raise CheckpointError(f"{path}: --quant gguf keeps Q8_0/Q4_0/Q4_1 blocks, but {t.name} "
+                              f"is {kind}; use --quant int8 or nf4 (re-quantized on load) or "
+                              f"--quant none")
+    k, n = (int(d) for d in t.shape)  # GGUF lists dims inner first
+    check_shape(kind.lower(), n, k, what=f"{path}: {t.name}")
+    return QWeight(kind.lower(), n, k, torch.from_numpy(np.array(t.data, copy=True)).reshape(n, -1))
+
+
+def read_gguf(path: Path, keep_blocks: bool = False):
+    """-> (config, metadata fields, tensors). With keep_blocks, the decoder's Linear weights
+    load as their quantized blocks (kernels.quant_reference.QWeight), not dequantized."""
     from gguf import dequantize
 
     reader = _reader(path)
@@ -103,6 +122,13 @@ def read_gguf(path: Path):
                 continue
 
             def load(t=t, name=name):
+                if keep_blocks and is_quantizable(name):
+                    qw = _raw_blocks(t, name, path)
+                    # q/k rows are permuted like the dense weight: a row's blocks move whole.
+                    if name.endswith(("q_proj.weight", "k_proj.weight")):
+                        heads = cfg.n_heads if name.endswith("q_proj.weight") else cfg.n_kv_heads
+                        qw = qw._replace(data=permute_rotary(qw.data, heads).contiguous())
+                    return qw
                 w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), copy=True))
                 w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims inner first
                 if name.endswith("q_proj.weight"):
