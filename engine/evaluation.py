@@ -15,6 +15,7 @@ from engine.config import HelpFormatter
 from fileio import atomic_write_text, find_dir, make_dir
 from model.adapter import read_adapter_config
 from model.config import DEFAULT_BASE
+from model.quant import QUANT_MODES
 from paths import DATA_ROOT_HELP
 
 DOMAINS = ("movie", "book", "toy")
@@ -38,6 +39,7 @@ class EvalConfig:
     cutoff_len: int = 512
     device: str = "auto"
     precision: str = "auto"
+    quant: str | None = None  # frozen base storage; default: the run's --quant, else none
     out: str | None = None  # result JSON; default: beside the adapter (see `default_out`)
     progress: bool = True
 
@@ -47,7 +49,8 @@ class EvalConfig:
         for name, value, allowed in (("domain", self.domain, DOMAINS),
                                      ("split", self.split, SPLITS),
                                      ("device", self.device, DEVICES),
-                                     ("precision", self.precision, PRECISIONS)):
+                                     ("precision", self.precision, PRECISIONS),
+                                     ("quant", self.quant, QUANT_MODES)):
             if value is not None and value not in allowed:
                 raise ValueError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
         if self.limit == 0 or self.limit < -1:
@@ -87,11 +90,15 @@ HELP = {
     "cutoff_len": "max prompt tokens; the oldest history items are dropped to fit",
     "device": "auto picks cuda when available",
     "precision": "auto: bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU",
+    "quant": "store the base's decoder Linear weights quantized (model/quant.py); default: "
+             "the run's --quant, else none. An adapter trained on a quantized base scores on the "
+             "full-precision one with --quant none, and the other way round",
     "out": "result JSON (default: eval_<domain>_<split>.json beside the adapter; zero-shot: "
            "runs/zero_shot/<base>_<domain>_<split>.json)",
     "progress": "show a progress bar",
 }
-CHOICES = {"domain": DOMAINS, "split": SPLITS, "device": DEVICES, "precision": PRECISIONS}
+CHOICES = {"domain": DOMAINS, "split": SPLITS, "device": DEVICES, "precision": PRECISIONS,
+           "quant": QUANT_MODES}
 TYPES = {"limit": int, "limit_seed": int, "batch_size": int, "cutoff_len": int}
 
 
@@ -188,24 +195,26 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not records:
         raise ValueError(f"nothing to score: {source} holds no rows")
     device, policy = resolve_precision(cfg.device, cfg.precision)
+    quant = cfg.quant or (run_cfg or {}).get("quant") or "none"
     # Every check that needs no weights comes before the (slow) load: headers, tokenizer.
     _, tok = probe_base(base, cfg.tokenizer, cfg.data_root)
     if tok is None:
         raise ValueError(f"base {base!r} has no tokenizer; pass --tokenizer")
     tok.answer_token_ids()  # scoring reads P(Yes) vs P(No)
     model, tok = load_base(base, dtype=policy.weight_dtype, device=device, lora=lora_cfg,
-                           tokenizer=tok, data_root=cfg.data_root)
+                           tokenizer=tok, data_root=cfg.data_root, quant=quant)
     if adapter_dir is not None:
         from model.adapter import load_adapter
 
         load_adapter(model, adapter_dir)
-    print(f"scoring {source} with {'base ' + str(base) if adapter_dir is None else adapter_dir}")
+    print(f"scoring {source} with {'base ' + str(base) if adapter_dir is None else adapter_dir}"
+          + (f" on a {quant} base" if quant != "none" else ""))
     t0 = time.time()
     probs, labels, cut, n_tokens = score(model, tok, records, cfg.batch_size, cfg.cutoff_len,
                                          policy, progress=cfg.progress)
     seconds = time.time() - t0
     return {**metrics(probs, labels), "name": name,
-            "ckpt": str(adapter_dir) if adapter_dir else "none", "base": str(base),
+            "ckpt": str(adapter_dir) if adapter_dir else "none", "base": str(base), "quant": quant,
             "data": source, "synthetic_data": synthetic, "seconds": round(seconds, 2),
             "tokens": n_tokens, "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
             "history_dropped_rows": cut.history_dropped,

@@ -22,6 +22,8 @@ from fileio import find_dir
 from kernels.dispatch import lora_path
 from model import probe_base
 from model.adapter import read_adapter_config
+from model.checkpoint import resolve_base
+from model.formats.gguf import gguf_linear_format
 
 
 class TrainingError(RuntimeError):
@@ -107,7 +109,7 @@ def preflight(cfg: TrainConfig, world: int = 1) -> Prepared:
         check_resume_config(out, cfg)
         checkpoint = load_checkpoint(out)
     device, policy = resolve_precision(cfg.device, cfg.precision)
-    base_cfg, tok = probe_base(cfg.base, cfg.tokenizer, cfg.data_root)
+    base_cfg, tok = probe_base(cfg.base, cfg.tokenizer, cfg.data_root, cfg.quant)
     if tok is None:
         raise TrainingError(f"base {cfg.base!r} comes without a tokenizer; pass --tokenizer")
     if cfg.stage == "rt":
@@ -144,8 +146,12 @@ def plan_memory(cfg: TrainConfig, model_cfg, device, policy, seq_len: int, world
     lora_impl = lora_path(lora.kernel, device.type, policy.compute_dtype or policy.weight_dtype,
                           cfg.micro_batch_size * seq_len, lora.r)
     backend = "efficient" if device.type == "cuda" else "cpu-flash"
+    quant = cfg.quant
+    if quant == "gguf":  # the planner counts the blocks the file holds
+        quant = gguf_linear_format(resolve_base(cfg.base, cfg.data_root))
+    quant_impl = "triton" if device.type == "cuda" and cfg.use_kernels else "torch"
     kw = dict(lora=lora, precision=policy, backend=backend, lora_impl=lora_impl,
-              ddp_world=world)
+              quant=quant, quant_impl=quant_impl, ddp_world=world)
     p = plan(model_cfg, seq_len, cfg.micro_batch_size, checkpoint=cfg.checkpointing,
              budget=budget, **kw)
     print(p.table() if budget is not None or world > 1 else f"memory plan: {p.summary()}")

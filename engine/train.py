@@ -27,6 +27,7 @@ from data.collate import IGNORE_INDEX, collate_train, pad_value
 from engine.config import TrainConfig
 from engine.distributed import Dist, NoLog, from_env, rank_seed
 from engine.loss import causal_lm_loss
+from engine.memory import fmt_bytes
 from engine.preflight import Prepared, TrainingError, load_data, preflight  # noqa: F401
 from engine.scoring import metrics, score_split
 from engine.state import (
@@ -48,6 +49,7 @@ from fileio import (
 from model import load_base
 from model.adapter import load_adapter, read_adapter_config, save_adapter
 from model.lora import mark_only_lora_trainable
+from model.quant import weight_bytes
 
 # -- data ---------------------------------------------------------------------------------
 
@@ -165,7 +167,12 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool, dist: Dist | None = No
 
     # Model: the base with LoRA built in, optionally started from a stage-1 adapter.
     model, tok = load_base(cfg.base, dtype=policy.weight_dtype, device=device, lora=cfg.lora(),
-                           tokenizer=tok, seed=cfg.seed, data_root=cfg.data_root)
+                           tokenizer=tok, seed=cfg.seed, data_root=cfg.data_root,
+                           quant=cfg.quant, quant_kernel=cfg.quant_kernel())
+    if cfg.quant != "none":
+        sizes = weight_bytes(model)
+        print(f"frozen base: decoder Linear weights {cfg.quant} ({fmt_bytes(sizes['quantized'])})"
+              f", the rest dense ({fmt_bytes(sizes['dense'])})")
     if cfg.init_adapter:
         _, init_base = read_adapter_config(cfg.init_adapter)
         load_adapter(model, cfg.init_adapter)  # checks rank, targets and every shape

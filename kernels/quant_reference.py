@@ -84,16 +84,17 @@ def block_size(fmt: str) -> int:
     return {"int8": 1, "nf4": NF4_BLOCK}.get(fmt, GGUF_BLOCK)
 
 
-def bytes_per_weight(fmt: str, k: int, double_quant: bool = False) -> float:
-    """Storage bytes per weight of a row of length k (the planner's and the tests' count)."""
+def storage_bytes(fmt: str, n: int, k: int, double_quant: bool = False) -> int:
+    """Bytes an (n, k) weight takes in `fmt` (what QWeight.nbytes counts; the planner's count)."""
     if fmt == "int8":
-        return 1 + 4 / k  # the fp32 scale of each row
+        return n * k + 4 * n  # int8 codes + an fp32 scale per row
     if fmt == "nf4":
-        if double_quant:
-            return 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_DQ_GROUP)
-        return 0.5 + 4 / NF4_BLOCK
+        blocks = n * k // NF4_BLOCK
+        if double_quant:  # int8 absmax codes + an fp32 scale per 256 blocks
+            return n * k // 2 + blocks + 4 * math.ceil(blocks / NF4_DQ_GROUP)
+        return n * k // 2 + 4 * blocks
     if fmt in GGUF_BLOCK_BYTES:
-        return GGUF_BLOCK_BYTES[fmt] / GGUF_BLOCK
+        return n * k // GGUF_BLOCK * GGUF_BLOCK_BYTES[fmt]
     raise ValueError(f"unknown quantized format {fmt!r}; choose among {FORMATS}")
 
 

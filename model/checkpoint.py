@@ -183,10 +183,10 @@ def open_base(spec: str | Path | None = None, tokenizer: str | Path | Tokenizer 
 
 
 def probe_base(spec: str | Path | None = None, tokenizer: str | Path | Tokenizer | None = None,
-               data_root: str | Path | None = None):
+               data_root: str | Path | None = None, quant: str = "none"):
     """-> (LlamaConfig, tokenizer or None) of a base, checked as far as possible without
     loading its weights."""
-    _, cfg, _, tok = open_base(spec, tokenizer, data_root)
+    _, cfg, _, tok = open_base(spec, tokenizer, data_root, quant)
     return cfg, tok
 
 

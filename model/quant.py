@@ -33,11 +33,18 @@ from kernels.quant_reference import (
     quant_linear_reference,
     quantize_int8,
     quantize_nf4,
+    storage_bytes,
 )
 
 QUANT_MODES = ("none", "int8", "nf4", "nf4-dq", "gguf")
 KERNEL_MODES = ("auto", "force", "off")
 _QUANTIZABLE = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj\.weight")
+
+
+# What the memory planner may be asked for: the load modes, with GGUF named by its block format.
+PLAN_FORMATS = {"none": None, "int8": ("int8", False), "nf4": ("nf4", False),
+                "nf4-dq": ("nf4", True), "q8_0": ("q8_0", False), "q4_0": ("q4_0", False),
+                "q4_1": ("q4_1", False)}
 
 
 class QuantError(ValueError):
@@ -190,3 +197,48 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if not n.endswith(("lora_a", "lora_b")))
     return {"quantized": q, "dense": dense}
+
+
+# -- memory planning ------------------------------------------------------------------------
+
+def linear_shapes(cfg) -> list[tuple[int, int]]:
+    """(out, in) of one decoder block's seven Linear weights (a model.config.LlamaConfig)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return [(q, cfg.dim), (kv, cfg.dim), (kv, cfg.dim), (cfg.dim, q),
+            (cfg.hidden_dim, cfg.dim), (cfg.hidden_dim, cfg.dim), (cfg.dim, cfg.hidden_dim)]
+
+
+def _plan_format(quant: str):
+    if quant == "gguf":
+        raise QuantError("to plan --quant gguf, name the file's block format: q8_0, q4_0 or "
+                         "q4_1")
+    if quant not in PLAN_FORMATS:
+        raise QuantError(f"unknown quantization {quant!r} for the planner; choose among "
+                         f"{', '.join(PLAN_FORMATS)}")
+    return PLAN_FORMATS[quant]
+
+
+def base_weight_bytes(cfg, quant: str, dense_bytes: int) -> tuple[int, int]:
+    """(bytes of the quantized decoder Linear weights, bytes of everything else at
+    `dense_bytes` per element): the frozen base's storage under `quant`."""
+    fmt = _plan_format(quant)
+    shapes = linear_shapes(cfg)
+    n_linear = cfg.n_layers * sum(n * k for n, k in shapes)
+    if fmt is None:
+        return 0, cfg.n_params * dense_bytes
+    for n, k in shapes:
+        check_shape(fmt[0], n, k, what=f"a {n}x{k} Linear weight")
+    q = cfg.n_layers * sum(storage_bytes(fmt[0], n, k, fmt[1]) for n, k in shapes)
+    return q, (cfg.n_params - n_linear) * dense_bytes
+
+
+def dequant_workspace(cfg, quant: str, impl: str, compute_bytes: int) -> int:
+    """Transient bytes of one quantized matmul beyond its inputs and output. The Triton kernel
+    dequantizes tiles in registers: 0. The torch path forms the largest layer's W in fp32 and
+    rounds it to the compute dtype (an estimate; nf4 also holds its int64 code indices)."""
+    fmt = _plan_format(quant)
+    if fmt is None or impl == "triton":
+        return 0
+    nk = max(n * k for n, k in linear_shapes(cfg))
+    extra = 8 if fmt[0] == "nf4" else 0
+    return nk * (4 + (compute_bytes if compute_bytes < 4 else 0) + extra)

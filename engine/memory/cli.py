@@ -9,6 +9,7 @@ from engine.memory.bytemodel import BACKENDS, PlanError
 from engine.memory.plan import choose, plan
 from kernels.dispatch import LORA_IMPLS
 from model.lora import TARGETS, LoRAConfig
+from model.quant import PLAN_FORMATS
 
 
 def main(argv=None):
@@ -47,6 +48,12 @@ def main(argv=None):
                          "allocations")
     ap.add_argument("--max-micro-batch", type=int, default=32,
                     help="largest micro-batch to consider (TALLRec: 32)")
+    ap.add_argument("--quant", default="none", choices=list(PLAN_FORMATS),
+                    help="frozen base storage: int8, nf4, nf4-dq, or a GGUF block format "
+                         "(q8_0, q4_0, q4_1); the decoder Linear weights only")
+    ap.add_argument("--quant-impl", default="triton", choices=LORA_IMPLS,
+                    help="quantized matmul: triton (the kernel, CUDA) or torch (dequantize per "
+                         "call, CPU)")
     ap.add_argument("--min-tokens", type=int, default=4096,
                     help="tokens per micro-batch to reach before trading memory for less "
                          "recomputation")
@@ -54,7 +61,8 @@ def main(argv=None):
     try:
         lora = LoRAConfig(r=args.r, dropout=args.dropout, targets=args.targets.split(","))
         kw = dict(backend=args.backend, lora_impl=args.lora_impl, padded=not args.unpadded,
-                  loss_chunk=args.loss_chunk, reserve=args.reserve)
+                  loss_chunk=args.loss_chunk, reserve=args.reserve, quant=args.quant,
+                  quant_impl=args.quant_impl)
         if args.micro_batch is not None and args.checkpoint is not None:
             p = plan(args.base, args.seq, args.micro_batch, lora, args.precision,
                      args.checkpoint, budget=args.budget, **kw)

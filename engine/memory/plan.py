@@ -24,6 +24,7 @@ from engine.precision import Precision, get_precision
 from kernels.dispatch import LORA_IMPLS
 from model.config import LlamaConfig
 from model.lora import LoRAConfig
+from model.quant import QuantError, base_weight_bytes, dequant_workspace
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Plan:
     loss_chunk: int
     budget: int | None
     reserve: int
+    quant: str = "none"
+    quant_weights: int = 0  # of `weights`, the quantized decoder Linear weights
+    dequant_temp: int = 0  # transient dense W of the torch dequantize path
     weights: int = 0
     lora_params: int = 0
     lora_grads: int = 0
@@ -78,7 +82,7 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        transient = max(self.recompute + self.backward_temp, self.loss_temp)
+        transient = max(self.recompute + self.backward_temp + self.dequant_temp, self.loss_temp)
         return self.persistent + self.activation_bytes + transient + self.reserve
 
     @property
@@ -113,7 +117,9 @@ class Plan:
                                        f"({self.n_checkpointed} of {self.cfg.n_layers} blocks "
                                        f"recomputed)"),
             ("", ""),
-            ("frozen base weights", fmt_bytes(self.weights)),
+            ("frozen base weights", fmt_bytes(self.weights) + (
+                f" ({self.quant} decoder linears {fmt_bytes(self.quant_weights)}, the rest "
+                f"{self.precision})" if self.quant != "none" else "")),
             ("LoRA params (fp32)", fmt_bytes(self.lora_params)),
             ("LoRA grads (fp32)", fmt_bytes(self.lora_grads)),
             ("AdamW states (fp32)", fmt_bytes(self.optimizer)),
@@ -125,6 +131,7 @@ class Plan:
         rows += [
             ("recompute of one block", fmt_bytes(self.recompute)),
             ("backward temporaries", fmt_bytes(self.backward_temp)),
+            ("dequantization workspace", fmt_bytes(self.dequant_temp)),
             (f"loss workspace (chunk {self.loss_chunk})", fmt_bytes(self.loss_temp)),
             ("runtime reserve", fmt_bytes(self.reserve)),
             ("predicted peak", fmt_bytes(self.peak)
@@ -144,11 +151,15 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
          lora: LoRAConfig | None = None, precision: str | Precision = "bf16",
          checkpoint: str | int = "none", backend: str = "flash", lora_impl: str = "triton",
          padded: bool = True, loss_chunk: int = 1024, budget: str | int | None = None,
-         reserve: str | int = GiB, ddp_world: int = 1) -> Plan:
+         reserve: str | int = GiB, ddp_world: int = 1, quant: str = "none",
+         quant_impl: str = "triton") -> Plan:
     """The memory of one training step. backend: SDPA kernel ('flash'/'efficient' on CUDA,
     'cpu-flash' on CPU, 'math' anywhere; CUDA flash takes no mask, so padded -> efficient).
     lora_impl: 'triton' (the fused kernel) or 'torch' (cuBLAS + addmm_): what
-    kernels.dispatch.lora_path returns for the model's kernel mode, device and micro-batch."""
+    kernels.dispatch.lora_path returns for the model's kernel mode, device and micro-batch.
+    quant: the base's decoder Linear weights as int8, nf4, nf4-dq, q8_0, q4_0 or q4_1
+    (model/quant.py); their LoRA layers then run the torch adapter path. quant_impl: the base
+    matmul's path, 'triton' (the kernel: CUDA) or 'torch' (dequantize per call: CPU)."""
     name, cfg = resolve_config(base)
     prec = get_precision(precision)
     for what, v in (("seq_len", seq_len), ("micro_batch", micro_batch),
@@ -167,11 +178,24 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
     B, T = micro_batch, seq_len
     N = B * T
     budget = parse_bytes(budget) if budget is not None else None
+    try:
+        quant_bytes, dense_bytes = base_weight_bytes(cfg, quant, prec.weight_bytes)
+        dequant = dequant_workspace(cfg, quant, quant_impl, prec.compute_bytes)
+    except QuantError as e:
+        raise PlanError(str(e)) from None
+    except ValueError as e:  # a shape the block format cannot take
+        raise PlanError(f"{name}: {e}") from None
+    if quant_impl not in LORA_IMPLS:
+        raise PlanError(f"unknown quantized matmul path {quant_impl!r}; choose among {LORA_IMPLS}")
+    if quant != "none":
+        lora_impl = "torch"  # model/quant.py's lora_forward: the adapter term in torch
     p = Plan(name, cfg, lora, T, B, prec.name, k, backend, lora_impl, padded, loss_chunk, budget,
-             parse_bytes(reserve) if reserve else 0)
+             parse_bytes(reserve) if reserve else 0, quant, quant_bytes, dequant)
+    if quant != "none":
+        p.why = f"quantized matmul: {'Triton kernel' if quant_impl == 'triton' else 'torch'}"
 
     n_lora, n_lora_tensors = lora_param_count(cfg, lora)
-    p.weights = cfg.n_params * prec.weight_bytes
+    p.weights = quant_bytes + dense_bytes
     p.lora_params = p.lora_grads = n_lora * 4
     p.optimizer = n_lora * 8 + n_lora_tensors * 4  # exp_avg, exp_avg_sq, and a 0-dim fp32 step
     if ddp_world > 1:

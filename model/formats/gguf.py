@@ -91,6 +91,16 @@ def _raw_blocks(t, name: str, path) -> QWeight:
     return QWeight(kind.lower(), n, k, torch.from_numpy(np.array(t.data, copy=True)).reshape(n, -1))
 
 
+def gguf_linear_format(path: Path) -> str:
+    """The block format (q8_0, q4_0, q4_1) of a GGUF file's first decoder Linear weight: what
+    the memory planner counts for --quant gguf before the model is loaded."""
+    for t in _reader(path).tensors:
+        name = gguf_name(t.name)
+        if name is not None and is_quantizable(name):
+            return t.tensor_type.name.lower()
+    raise CheckpointError(f"{path}: no decoder Linear weight found")
+
+
 def read_gguf(path: Path, keep_blocks: bool = False):
     """-> (config, metadata fields, tensors). With keep_blocks, the decoder's Linear weights
     load as their quantized blocks (kernels.quant_reference.QWeight), not dequantized."""
