@@ -42,6 +42,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--test-limit", type=int, default=200)
+    ap.add_argument("--cutoff-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--val-size", type=int, default=32)
+    ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--cross-eval", nargs="*", default=["int8", "gguf"],
+                    help="modes whose adapter is also scored on the dense base")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -50,9 +56,10 @@ def main(argv=None) -> int:
     for mode in args.modes:
         run = out / f"rt-{mode}"
         train = [py, "train.py", "--stage", "rt", "--domain", "movie", "--shots", str(args.shots),
-                 "--batch-size", "16", "--micro-batch-size", "8", "--epochs", str(args.epochs),
-                 "--lr", str(args.lr), "--warmup-steps", "1", "--val-size", "32",
-                 "--eval-every", "4", "--patience", "0", "--seed", str(args.seed),
+                 "--batch-size", str(args.batch_size), "--micro-batch-size", "8",
+                 "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-steps", "1",
+                 "--val-size", str(args.val_size), "--eval-every", str(args.eval_every),
+                 "--cutoff-len", str(args.cutoff_len), "--patience", "0", "--seed", str(args.seed),
                  "--precision", args.precision, "--quant", mode, "--out", str(run),
                  "--overwrite"]
         rc, secs, rss = timed(train, out / f"train-{mode}.log")
@@ -65,10 +72,12 @@ def main(argv=None) -> int:
             row.update(steps=result["steps"], best_step=result["best_step"],
                        best_val_auc=result["best_val_metric"],
                        train_tokens_per_s=rates[-1] if rates else None)
-            for eval_quant in dict.fromkeys([mode, "none"]):
+            for eval_quant in dict.fromkeys([mode] + (["none"] if mode in args.cross_eval
+                                                      else [])):
                 res = out / f"eval-{mode}-on-{eval_quant}.json"
                 ev = [py, "evaluate.py", "--ckpt", str(run), "--domain", "movie", "--limit",
                       str(args.test_limit), "--precision", args.precision, "--quant", eval_quant,
+                      "--cutoff-len", str(args.cutoff_len),
                       "--no-progress", "--out", str(res)]
                 rc, secs, rss = timed(ev, out / f"eval-{mode}-on-{eval_quant}.log")
                 key = "test" if eval_quant == mode else "test_on_dense_base"
