@@ -26,14 +26,16 @@ loads of the same byte and scale (served from L1). Unmeasured on a GPU so far: t
 
 Sources: Dettmers et al. 2022 (LLM.int8(), whose outlier split we leave out), 2023 (QLoRA: NF4,
 double quantization); llama.cpp ggml-quants.c (Q8_0 / Q4_0 / Q4_1 blocks); Triton tutorial 03
-(tiled matmul, grouped program order); kernels/lora.py (the interpreter's dot and bf16 rounding).
+(tiled matmul, grouped program order); kernels/lora_kernels.py (the interpreter's dot and
+bf16 rounding).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.lora import _INTERPRET, _dot, _round
+from kernels.dispatch import INTERPRET as _INTERPRET
+from kernels.lora_kernels import _dot, _round
 from kernels.quant_reference import GGUF_BLOCK_BYTES, NF4, QWeight, check_input
 
 FMT_IDS = {"int8": 0, "nf4": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
