@@ -12,6 +12,8 @@ device, versions, commit and date.
 
     python -m bench.bench_quant [--quick] [--out DIR]     # CUDA: LLaMA-7B shapes
     python -m bench.bench_quant --cpu [--out DIR]         # CPU: SmolLM2 shapes, bf16, torch path
+    python -m bench.bench_quant --cpu-dry-run [--out DIR] # gpu_check.sh's dry run: tiny shapes,
+                                                          # the kernel under TRITON_INTERPRET=1
 
 On CPU the providers are timed interleaved, one call of each per round, so other jobs on the
 machine disturb both sides alike: read the ratios, not the absolute times.
@@ -40,10 +42,10 @@ CPU_SHAPES = ((576, 576), (576, 1536), (1536, 576))  # SmolLM2-135M
 FORMATS = ("int8", "nf4", "nf4-dq", "q8_0", "q4_0", "q4_1")
 
 
-def providers(x, qw, w_dense, device):
+def providers(x, qw, w_dense, device, kernel: bool):
     out = {"dense": lambda x_: F.linear(x_, w_dense),
            "torch": lambda x_: quant_linear_reference(x_, qw)}
-    if device == "cuda":
+    if kernel:
         from kernels.quant_matmul import quant_matmul
 
         out["kernel"] = lambda x_: quant_matmul(x_, qw)
@@ -94,7 +96,7 @@ def cpu_times(fns: dict, rounds: int) -> dict:
     return {k: statistics.quantiles(v, n=10) if len(v) > 1 else v * 9 for k, v in times.items()}
 
 
-def bench_shape(device, dtype, tokens, k, n, fmt, rounds) -> list[dict]:
+def bench_shape(device, dtype, tokens, k, n, fmt, rounds, kernel) -> list[dict]:
     qw = make_qweight(fmt, n, k, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, k, generator=gen, device=device).to(dtype).requires_grad_()
@@ -103,7 +105,7 @@ def bench_shape(device, dtype, tokens, k, n, fmt, rounds) -> list[dict]:
     with torch.no_grad():
         y32 = F.linear(x.float(), dequantize(qw, torch.float32))
     fns, errs = {}, {}
-    for name, f in providers(x, qw, w_dense, device).items():
+    for name, f in providers(x, qw, w_dense, device, kernel).items():
         with torch.no_grad():
             errs[name] = ((f(x).float() - y32).abs().max() / y32.abs().max()).item()
         y = f(x)
@@ -138,18 +140,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu", action="store_true", help="CPU, SmolLM2 shapes, torch path only")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and formats")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="tiny shapes on CPU, the kernel through TRITON_INTERPRET=1 (which must "
+                         "be set): checks the script runs, measures nothing worth reading")
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=20, help="CPU: interleaved rounds")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
+    dry = args.cpu_dry_run
+    if dry:
+        args.cpu, args.quick, args.rounds = True, True, 2
     if not args.cpu and not torch.cuda.is_available():
         print("bench_quant: no CUDA GPU (torch.cuda.is_available() is False); nothing "
               "measured (--cpu measures the torch path on this machine)")
         return 0
     device = "cpu" if args.cpu else "cuda"
-    info = run_info(device)
-    shapes = CPU_SHAPES if args.cpu else GPU_SHAPES
-    tokens = args.tokens or (8 * 224 if args.cpu else 4096)
+    info = dict(run_info(device), dry_run=dry)
+    shapes = ((64, 72),) if dry else CPU_SHAPES if args.cpu else GPU_SHAPES
+    tokens = args.tokens or (40 if dry else 8 * 224 if args.cpu else 4096)
     formats = ("int8", "nf4", "q4_1") if args.quick else FORMATS
     shapes = shapes[:2] if args.quick else shapes
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +167,8 @@ def main(argv=None) -> int:
         writer.writeheader()
         for k, n in shapes:
             for fmt in formats:
-                case = bench_shape(device, torch.bfloat16, tokens, k, n, fmt, args.rounds)
+                case = bench_shape(device, torch.bfloat16, tokens, k, n, fmt, args.rounds,
+                                   kernel=device == "cuda" or dry)
                 writer.writerows(case)
                 f.flush()
                 rows += case

@@ -30,7 +30,8 @@ def test_dry_run_exits_0_with_every_step(dry_run):
     proc, summary, files = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert summary["dry_run"] is True
-    assert set(summary["steps"]) == {"kernel_tests", "bench_lora", "bench_train_7b"}
+    assert set(summary["steps"]) == {"kernel_tests", "bench_lora", "bench_train_7b",
+                                     "quant_tests", "bench_quant"}
     assert all(s["exit_code"] == 0 for s in summary["steps"].values()), summary
     # One archive beside summary.json: the device tool returns at most 8 files.
     assert set(os.listdir(Path(proc.args[-1]))) == {"summary.json", "gpu_check.tgz"}
@@ -108,3 +109,12 @@ def test_datasheet_peak_by_device_name():
     # Lower-clocked variants and unknown cards get no datasheet MFU rather than a wrong one.
     for name in ("NVIDIA H100 PCIe", "NVIDIA H200 NVL", "NVIDIA L4", "cpu"):
         assert datasheet_peak_tflops(name) is None
+
+
+def test_dry_run_runs_the_quant_kernel_benchmark(dry_run):
+    _, _, files = dry_run
+    quant = json.loads(files["bench_quant.json"])
+    assert quant["dry_run"] is True
+    assert {r["provider"] for r in quant["rows"]} == {"dense", "torch", "kernel"}
+    assert {r["format"] for r in quant["rows"]} == {"int8", "nf4", "q4_1"}
+    assert "passed" in files["quant_tests.log"] and "failed" not in files["quant_tests.log"]
