@@ -276,7 +276,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 # --help groups the flags by what they set; a field not listed falls under "execution"
 GROUPS = {
-    "model": ("stage", "base", "tokenizer", "init_adapter"),
+    "model": ("stage", "base", "quant", "tokenizer", "init_adapter"),
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     "data": ("data_root", "domain", "data", "val_data", "shots", "val_size", "cutoff_len",
              "train_on_inputs", "group_by_length"),
@@ -289,7 +289,8 @@ GROUPS = {
 # allowed values, listed in --help (TrainConfig.__post_init__ checks them, naming the flag)
 CHOICES = {"stage": ("it", "rt"), "domain": ("movie", "book", "both", "toy"),
            "lr_schedule": ("linear", "cosine", "constant"), "step_mode": ("mean", "tallrec"),
-           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16")}
+           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "quant": QUANT_MODES}
 
 
 def stage_of(argv: list[str] | None) -> str:
