@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from engine.loss import causal_lm_loss
-from engine.precision import PRECISIONS, default_precision, get_precision
+from engine.precision import (
+    PRECISIONS,
+    cpu_bf16_support,
+    default_precision,
+    explain_precision,
+    get_precision,
+    resolve_precision,
+)
 from model.checkpoint import load_base
 from model.lora import LoRAConfig
 
@@ -13,10 +20,28 @@ def test_policies():
     assert get_precision("bf16").weight_dtype == torch.bfloat16
     assert get_precision("fp16").loss_scaling and not get_precision("bf16").loss_scaling
     assert get_precision("fp32").compute_dtype is None
-    assert default_precision("cpu") is PRECISIONS["fp32"]
+    assert default_precision("cpu", cpu_bf16=False) is PRECISIONS["fp32"]
     assert default_precision("cpu", cpu_bf16=True) is PRECISIONS["bf16"]
     with pytest.raises(ValueError, match="unknown precision"):
         get_precision("fp8")
+
+
+def test_cpu_default_follows_the_cpu_flags():
+    """auto on CPU = bf16 exactly when /proc/cpuinfo lists native bf16 (AVX512-BF16/AMX-BF16);
+    --precision overrides, and the header line says which policy and why."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to check the detection against")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert cpu_bf16_support()[0] == native
+    dev, policy, why = explain_precision("cpu", "auto")
+    assert policy is PRECISIONS["bf16" if native else "fp32"] and dev.type == "cpu"
+    assert why.startswith(policy.name) and "auto:" in why
+    assert ("BF16" in why) == native or not native
+    _, forced, why = explain_precision("cpu", "fp32")
+    assert forced is PRECISIONS["fp32"] and "--precision fp32" in why
+    assert resolve_precision("cpu", "auto")[1] is policy
 
 
 def train_step(model, policy, scaler, opt, poison=False):
