@@ -76,11 +76,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
         n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        if mask is None:  # no padding: the causal flag lets SDPA pick flash attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # CPU flash attention reads grouped K/V itself: no n_rep-fold copies, and no sum of
+        # their gradients in backward. CUDA's efficient kernel (padded batches) cannot.
+        gqa = n_rep > 1 and x.device.type == "cpu"
+        if not gqa:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        kw = {"enable_gqa": True} if gqa else {}
+        if mask is None:  # causal alone: SDPA takes its fastest (flash) kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -107,6 +112,12 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is real tokens then padding (or no padding at all). Causal attention alone is
+    then exact for every real query: the padding keys all come after it."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def build_attention_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +155,10 @@ class Llama(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed_tokens(input_ids)  # (B, T, dim)
-        if attention_mask is None:
+        if attention_mask is None or right_padded(attention_mask):
+            # Right padding (training batches): positions 0.. and the causal flag are exact
+            # for real tokens; padding queries see earlier padding too, but nothing reads
+            # them (their labels are -100), so no (B, 1, T, T) mask is built.
             positions, mask = torch.arange(T, device=x.device).expand(B, T), None
         else:
             positions, mask = build_attention_mask(attention_mask)

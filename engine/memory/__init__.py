@@ -20,9 +20,10 @@ and checked against `saved_tensors_hooks` on CPU (tests/test_memory.py):
   drop(x), plus the dropout noise in the compute dtype; Triton path: x and a bool mask), and
   xa = drop(x) Aᵀ (r wide; fp32 in the Triton kernel).
 - rope keeps cos/sin (shared by all layers). SDPA keeps q, k, v (after repeat_kv: n_heads
-  wide), out and the fp32 logsumexp (flash / efficient / CPU flash); the math path keeps the
-  scaled q, k, v and the (T × T) probabilities. A padding mask is kept per layer in the
-  compute dtype by the CPU flash and CUDA efficient kernels.
+  wide; CPU flash reads grouped K/V, n_kv_heads wide), out and the fp32 logsumexp (flash /
+  efficient / CPU flash); the math path keeps the scaled q, k, v and the (T × T) probabilities.
+  A padding mask is kept per layer in the compute dtype by the CPU flash and CUDA efficient
+  kernels (only left-padded batches carry one: right padding needs causal attention alone).
 - SwiGLU keeps gate, silu(gate) and up; down's input only when down has LoRA.
 - The first block's input (frozen embeddings) needs no grad: its first RMSNorm keeps nothing.
 - A checkpointed block keeps only its input; its activations come back in backward.

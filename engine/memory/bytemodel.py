@@ -147,7 +147,9 @@ def block_saved(cfg: LlamaConfig, lora: LoRAConfig | None, batch: int, seq: int,
         add("sdpa.v", N * HD * 4 if q_rg or k_rg else 0)
         add("sdpa.probs", batch * H * seq * seq * 4 if qkv_rg else 0)
     elif qkv_rg:  # one fused op: everything is kept as soon as any input needs grad
-        add("sdpa.qkv", 3 * N * HD * e)
+        # CPU flash reads grouped K/V (enable_gqa, model/llama.py): K and V stay n_kv wide.
+        KVD = cfg.n_kv_heads * cfg.head_dim if backend == "cpu-flash" else HD
+        add("sdpa.qkv", N * (HD + 2 * KVD) * e)
         add("sdpa.out", N * HD * e)
         lse_len = math.ceil(seq / 32) * 32 if backend == "efficient" else seq
         add("sdpa.lse", batch * H * lse_len * 4)
