@@ -1,7 +1,7 @@
 """Yes/No scoring with one forward pass, and the metrics TALLRec reports.
 
 P(Yes) = softmax(logit_yes, logit_no)[0] at the answer position, the last token of the
-left-padded prompt. TALLRec generates 128 tokens and keeps only the first step's scores; one
+prompt. TALLRec generates 128 tokens and keeps only the first step's scores; one
 forward pass with logits for that single position gives the same number.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.collate import CutoffStats, TokenizeConfig, collate_eval, encode_all, pad_value
+from data.collate import CutoffStats, TokenizeConfig, collate_train, encode_all, pad_value
 from engine.precision import Precision
 
 
@@ -38,15 +38,17 @@ def score(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress,
                           unit="batch", leave=False):
             idx = order[start:start + batch_size]
-            batch = collate_eval([examples[i] for i in idx], pad_value(tok))
+            # Right-padded: causal attention alone is exact for every real token (no mask),
+            # and each row's answer is predicted at its own last real position.
+            batch = collate_train([examples[i] for i in idx], pad_value(tok), side="right")
             ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            last = torch.full((len(idx), 1), ids.shape[1] - 1, device=device)
-            with amp:
-                logits = model(ids, attention_mask=mask, logits_at=last)[:, 0]  # (B, vocab)
-            pair = logits[:, [yes_id, no_id]].float()
+            last = torch.tensor([len(examples[i].input_ids) - 1 for i in idx], device=device)
+            with amp:  # only two rows of the LM head are read: P(Yes) = softmax(Yes, No)
+                pair = model(ids, attention_mask=batch["attention_mask"].to(device),
+                             logits_at=last[:, None], vocab_rows=[yes_id, no_id])[:, 0]
+            pair = pair.float()  # (B, 2): logits of Yes, No
             probs[idx] = torch.softmax(pair, dim=-1)[:, 0].cpu().numpy()
-            n_tokens += int(mask.sum())
+            n_tokens += sum(len(examples[i].input_ids) for i in idx)
     finally:
         model.train(was_training)
     labels = np.array([e.label for e in examples], dtype=np.int64)

@@ -174,13 +174,18 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, logits_at: torch.Tensor | None = None):
-        """Logits (B, T, vocab), or (B, P, vocab) at the positions `logits_at` (B, P) only.
+    def forward(self, input_ids, attention_mask=None, logits_at: torch.Tensor | None = None,
+                vocab_rows: list[int] | None = None):
+        """Logits (B, T, vocab), or (B, P, ·) at the positions `logits_at` (B, P) only, and
+        (·, len(vocab_rows)) for those vocabulary entries only.
 
-        Evaluation needs one position per row; a full-vocabulary row per token is the largest
-        activation of the model, so never compute rows nobody reads.
+        Yes/No scoring needs one position per row and two entries of it; a full-vocabulary
+        row per token is the largest activation of the model, so never compute what nobody
+        reads.
         """
         h = self.hidden_states(input_ids, attention_mask)
         if logits_at is not None:
             h = torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        if vocab_rows is not None:
+            return F.linear(h, self.lm_head.weight[list(vocab_rows)])
         return self.lm_head(h)

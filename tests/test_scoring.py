@@ -84,9 +84,10 @@ class RaisedAnswer(torch.nn.Module):
         super().__init__()
         self.inner, self.token, self.delta = model, token, delta
 
-    def forward(self, ids, **kw):
-        logits = self.inner(ids, **kw).clone()
-        logits[..., self.token] += self.delta
+    def forward(self, ids, vocab_rows=None, **kw):
+        logits = self.inner(ids, vocab_rows=vocab_rows, **kw).clone()
+        rows = list(range(logits.shape[-1])) if vocab_rows is None else list(vocab_rows)
+        logits[..., rows.index(self.token)] += self.delta
         return logits
 
 
@@ -106,3 +107,29 @@ def test_raising_the_yes_logit_raises_the_score(data_root):
     # P(Yes) = sigmoid(l_yes - l_no): the raise moves the log-odds by exactly delta
     np.testing.assert_allclose(logit(up) - logit(base), 2.0, atol=1e-4)
     np.testing.assert_allclose(logit(base) - logit(down), 2.0, atol=1e-4)
+
+
+def test_batched_scores_equal_each_prompt_alone_in_transformers(tmp_path, data_root):
+    """Right-padded, length-sorted batches, the hidden state at each row's own last token and
+    only the Yes/No rows of the LM head: P(Yes) must equal softmax(logits[-1][[Yes, No]]) of
+    LlamaForCausalLM run on that prompt alone (fp32, so to 1e-5), in the records' order."""
+    from model import LlamaConfig
+    from tests.model_fixtures import hf_reference, write_hf
+
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                      vocab_size=32000, max_seq_len=512)
+    hf = hf_reference(cfg, seed=5)
+    folder = write_hf(hf, tmp_path / "tiny")
+    model, tok = load_base(folder, tokenizer=data_root / "tokenizer" / "llama" / "tokenizer.model")
+    records = load_domain("toy", "test").records[:7]
+    probs, labels, _, n_tokens = score(model, tok, records, batch_size=3, progress=False)
+    examples, _ = encode_all(records, tok, TokenizeConfig(cutoff_len=512), eval=True)
+    assert len({len(e.input_ids) for e in examples}) > 2  # padding really happens
+    yes, no = tok.answer_token_ids()
+    with torch.no_grad():
+        ref = [torch.softmax(hf(torch.tensor([e.input_ids])).logits[0, -1, [yes, no]], -1)[0]
+               for e in examples]
+    torch.testing.assert_close(torch.tensor(probs, dtype=torch.float32), torch.stack(ref),
+                               rtol=1e-5, atol=1e-5)
+    assert labels.tolist() == [int(r["output"] == "Yes.") for r in records]
+    assert n_tokens == sum(len(e.input_ids) for e in examples)
