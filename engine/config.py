@@ -316,6 +316,10 @@ def build_parser(stage: str = "rt") -> argparse.ArgumentParser:
                f"`python train.py --stage {'it' if stage == 'rt' else 'rt'} --help` shows the "
                f"other stage's.")
     p.add_argument("--config", help="JSON file of field values (flags given here override it)")
+    p.add_argument("--preset", help="a named protocol for --stage: 'cpu' takes the "
+                                    "'<stage>-cpu' preset (rt-cpu: 64-shot rec-tuning that "
+                                    "learns on 2 CPU cores in minutes; it-cpu: alpaca_small); "
+                                    "default: the stage's paper settings")
     shown = TrainConfig(**PRESETS[stage])
     base = TrainConfig()
     groups = {name: p.add_argument_group(name) for name in (*GROUPS, "execution")}
@@ -384,7 +388,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Preset of --stage, then --config file, then explicit flags. With --resume, the run's
     saved config.json takes the place of the preset, and explicit settings must match it."""
     args = parse_args(build_parser(stage_of(argv)), argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("config", "preset")}
     values: dict = read_config_file(args.config) if args.config else {}
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(values) - known
@@ -402,5 +407,10 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
                              + ", ".join(diff))
         return TrainConfig(**{**saved, "overwrite": False, **explicit})
     stage = explicit.get("stage", "rt")
-    merged = {**PRESETS[stage], **explicit} if stage in PRESETS else explicit
+    name = f"{stage}-{args.preset}" if args.preset else stage
+    if args.preset and name not in PRESETS:
+        have = sorted(k.split("-", 1)[1] for k in PRESETS if k.startswith(f"{stage}-"))
+        raise ValueError(f"--preset {args.preset}: no preset {name!r} for --stage {stage}; "
+                         f"choose among {have or 'none'} or leave --preset out")
+    merged = {**PRESETS[name], **explicit} if name in PRESETS else explicit
     return TrainConfig(**merged)
