@@ -94,7 +94,12 @@ def lora_addmm(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0,
     autocast does not touch) gets xa and B in the dtype y came out in."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
-    xd = _dropped(x, dropout_p, dropout_mask).reshape(-1, k)
+    if dropout_p > 0 and dropout_mask is None:
+        dropout_mask = make_dropout_mask(x, dropout_p)  # the one mask every path draws
+    xd = x2
+    if dropout_mask is not None:
+        # The 1/(1-p) rescale rides on addmm_'s alpha: one (M, K) multiply instead of two.
+        xd, scale = (x * dropout_mask).reshape(-1, k), scale / (1.0 - dropout_p)
     y = F.linear(x2, weight)  # (M, N); mm's backward needs W, not y, so y may be written
     xa = F.linear(xd, lora_a.to(x.dtype))  # (M, r)
     y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t(), alpha=scale)
