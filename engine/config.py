@@ -251,7 +251,9 @@ HELP = {
     "save_every": "steps between resumable checkpoints (0 = at every validation)",
     "eval_batch_size": "prompts per scoring forward pass",
     "device": "auto picks cuda when available", "precision": "auto: bf16 (fp16 without bf16 "
-    "support) on CUDA, fp32 on CPU; bf16/fp16 store frozen weights in that dtype",
+    "support) on CUDA; on CPU bf16 where the CPU computes it natively (AVX512-BF16 or AMX-BF16), "
+    "else fp32 (tests that need exact numbers ask for fp32); bf16/fp16 store frozen weights in "
+    "that dtype",
     "checkpointing": "gradient checkpointing: none, full, or every-<k> blocks",
     "memory_budget": "refuse to start if the memory plan exceeds this (e.g. 24GiB)",
     "use_kernels": "use the fused Triton LoRA kernel and the quantized-matmul kernel on CUDA",
