@@ -113,12 +113,13 @@ def test_one_block_by_hand_and_measured():
     measured saved tensors in test_activation_bytes_match_saved_tensors."""
     B, T, r = 2, 32, 4
     N, D, F = B * T, TINY.dim, TINY.hidden_dim  # 64 tokens, 64, 128
-    HD, H = TINY.n_heads * TINY.head_dim, TINY.n_heads  # q/k/v after repeat_kv: n_heads wide
+    HD, H = TINY.n_heads * TINY.head_dim, TINY.n_heads  # q and out: n_heads wide
+    KVD = TINY.n_kv_heads * TINY.head_dim  # k, v: CPU flash reads grouped K/V (enable_gqa)
     hand = {
         "attention RMSNorm: its fp32 input and 1/rms": N * D * 4 + N * 4,
         "q and v LoRA: their shared input (for dA)": N * D * 4,
         "q and v LoRA: x Aᵀ (for dB), and the scale as a 0-dim fp64": 2 * N * r * 4 + 2 * 8,
-        "SDPA: q, k, v, out and the fp32 logsumexp": 4 * N * HD * 4 + B * H * T * 4,
+        "SDPA: q, k, v, out and the fp32 logsumexp": (2 * HD + 2 * KVD) * N * 4 + B * H * T * 4,
         "MLP RMSNorm": N * D * 4 + N * 4,
         "SwiGLU: gate, silu(gate), up": 3 * N * F * 4,
     }
