@@ -163,6 +163,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def header(self) -> str:
+        """The run's one-line summary; every field is in <out>/config.json."""
+        data = (self.data or "alpaca_small") if self.stage == "it" else \
+            (self.data or self.domain) + f" {self.shots}-shot"
+        return (f"{self.stage}: {self.base} on {data}, lr {self.lr:g}, batch {self.batch_size} "
+                f"(micro {self.micro_batch_size}), {self.epochs} epochs, LoRA r={self.lora_r} on "
+                f"{','.join(self.lora_targets)} -> {self.out} (all settings: "
+                f"{Path(self.out) / 'config.json'})")
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
