@@ -1,9 +1,8 @@
-"""Training presets on the command line, warmup as a fraction, validation every k epochs."""
+"""--preset on the command line: <stage>-<name> from engine.config.PRESETS, flags on top."""
 
 import pytest
 
 from engine.config import PRESETS, config_from_args
-from engine.train import get_lr
 
 
 def test_rt_cpu_preset_and_overrides():
@@ -19,16 +18,3 @@ def test_rt_cpu_preset_and_overrides():
     with pytest.raises(ValueError, match="no preset 'rt-gpu' for --stage rt"):
         config_from_args(["--stage", "rt", "--preset", "gpu"])
 
-
-def test_warmup_ratio_then_linear_decay():
-    """80 steps, 10% warmup: 8 warmup steps rising as lr*(s+1)/9, then linear decay to 0
-    over the remaining 72 (values by hand)."""
-    cfg = config_from_args(["--preset", "cpu", "--lr", "9e-4"])
-    assert cfg.resolved_warmup_steps(80) == 8 and cfg.resolved_warmup_steps(75) == 8  # rounded up
-    assert get_lr(0, 80, cfg) == pytest.approx(1e-4)
-    assert get_lr(7, 80, cfg) == pytest.approx(8e-4)
-    assert get_lr(8, 80, cfg) == pytest.approx(9e-4)
-    assert get_lr(44, 80, cfg) == pytest.approx(9e-4 * 36 / 72)
-    assert get_lr(79, 80, cfg) == pytest.approx(9e-4 / 72)
-    with pytest.raises(ValueError, match="--warmup-ratio"):
-        config_from_args(["--warmup-ratio", "1.5"])
