@@ -95,7 +95,7 @@ class Side:
         if self.name == "ours":
             self.model.train()
             return train_step(self.model, self.opt, self.scaler, examples, self.tok, self.cfg,
-                              torch.device("cpu"), self.policy.compute_dtype, step)[1]
+                              torch.device("cpu"), self.policy, step)[1]
         self.model.train()
         b = collate_train(examples, pad)
         with self.amp():
@@ -114,7 +114,7 @@ class Side:
     def score(self, records, examples, pad, yes_no) -> int:
         if self.name == "ours":
             probs, _, _, n = score(self.model, self.tok, records, len(records),
-                                   autocast_dtype=self.policy.compute_dtype, progress=False)
+                                   precision=self.policy, progress=False)
             self.probs.append(probs)
             return n
         self.model.eval()

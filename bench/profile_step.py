@@ -56,10 +56,10 @@ def main(argv=None):
 
     def step():
         model.train()
-        train_step(model, opt, scaler, examples, tok, cfg, dev, policy.compute_dtype, 0)
+        train_step(model, opt, scaler, examples, tok, cfg, dev, policy, 0)
 
     def scoring():
-        score(model, tok, test, args.batch, 512, policy.compute_dtype, progress=False)
+        score(model, tok, test, args.batch, 512, policy, progress=False)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, "
           f"{sum(len(e.input_ids) for e in examples)} training tokens")
