@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2
-    print("config: " + json.dumps(cfg.to_dict()))
+    print(cfg.header())
     from engine.train import train  # heavy imports after the arguments are known to be fine
 
     try:

@@ -62,12 +62,16 @@ class CutoffStats:
     input_truncated: int = 0  # Alpaca rows whose input/instruction text was cut
     response_truncated: int = 0  # Alpaca rows cut alpaca-lora style (response damaged)
 
-    def summary(self) -> str:
-        return (
-            f"{self.examples} rows; {self.history_dropped} rec rows lost "
-            f"{self.items_dropped} history items; {self.input_truncated} Alpaca inputs cut; "
-            f"{self.response_truncated} Alpaca responses cut"
-        )
+    def summary(self, rec: bool | None = None) -> str:
+        """rec=True: the rec counters only (an rt run has no Alpaca rows); False: the Alpaca
+        ones only; None: all."""
+        parts = [f"{self.examples} rows"]
+        if rec is not False:
+            parts.append(f"{self.history_dropped} rec rows lost {self.items_dropped} history items")
+        if rec is not True:
+            parts += [f"{self.input_truncated} Alpaca inputs cut",
+                      f"{self.response_truncated} Alpaca responses cut"]
+        return "; ".join(parts)
 
 
 @dataclass

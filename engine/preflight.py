@@ -16,7 +16,7 @@ from data.fewshot import k_shot, k_shot_split, load_alpaca, load_domain, mix_dom
 from data.records import load_records
 from engine.config import TrainConfig, resume_diff
 from engine.memory import PlanError, choose, fmt_bytes, parse_bytes, plan
-from engine.precision import resolve_precision
+from engine.precision import explain_precision
 from engine.state import check_out_dir, load_trainer_state, read_run_config
 from fileio import find_dir
 from kernels.dispatch import lora_path
@@ -108,7 +108,8 @@ def preflight(cfg: TrainConfig, world: int = 1) -> Prepared:
     if cfg.resume:
         check_resume_config(out, cfg)
         checkpoint = load_checkpoint(out)
-    device, policy = resolve_precision(cfg.device, cfg.precision)
+    device, policy, why = explain_precision(cfg.device, cfg.precision)
+    print(f"precision: {why}")
     base_cfg, tok = probe_base(cfg.base, cfg.tokenizer, cfg.data_root, cfg.quant)
     if tok is None:
         raise TrainingError(f"base {cfg.base!r} comes without a tokenizer; pass --tokenizer")
@@ -131,7 +132,7 @@ def preflight(cfg: TrainConfig, world: int = 1) -> Prepared:
     val_examples = encode_all(val_rows, tok, tcfg)[0] if cfg.stage == "it" else []
     plan_memory(cfg, base_cfg, device, policy, max(len(e.input_ids) for e in examples), world)
     return Prepared(device, policy, tok, train_rows, val_rows, desc, synthetic, examples,
-                    val_examples, cut.summary(), checkpoint)
+                    val_examples, cut.summary(rec=cfg.stage == "rt"), checkpoint)
 
 
 def plan_memory(cfg: TrainConfig, model_cfg, device, policy, seq_len: int, world: int = 1):

@@ -78,12 +78,13 @@ def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
 # -- validation ---------------------------------------------------------------------------
 
 def validate(model, tok, cfg: TrainConfig, val_records, val_examples, policy,
-             dist: Dist | None = None) -> dict:
+             dist: Dist | None = None, progress: bool = False) -> dict:
     """rt: AUC of P(Yes) on the validation rows; it: mean token loss. Under torchrun each
     rank takes its share of the rows and every rank gets the same result."""
     if cfg.stage == "rt":
         probs, labels, _, _ = score_split(model, tok, val_records, cfg.eval_batch_size,
-                                          cfg.cutoff_len, policy, dist=dist)
+                                          cfg.cutoff_len, policy, dist=dist,
+                                          progress=progress, desc="validation")
         m = metrics(probs, labels)
         m["metric"] = m["auc"] if m["auc"] is not None else float("nan")
         return m
@@ -240,7 +241,7 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool, dist: Dist | None = No
                           tokens=state.train_tokens, tokens_per_s=tok_s)
             if state.step % eval_every == 0 or state.step == total_steps_run:
                 done = evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, policy,
-                                              state, out, log, dist)
+                                              state, out, log, dist, progress)
             if state.step % save_every == 0 or done or state.step == total_steps_run:
                 save_last(out, model, opt, scaler, state, cfg, dist)
             fault_point(f"step-{state.step}")
@@ -304,11 +305,11 @@ def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, policy,
 
 
 def evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, policy, state, out,
-                           log, dist: Dist | None = None) -> bool:
+                           log, dist: Dist | None = None, progress: bool = False) -> bool:
     """Validate, keep the best adapter, and say whether early stopping ends the run."""
     if not val_rows:
         return False
-    m = validate(model, tok, cfg, val_rows, val_examples, policy, dist)
+    m = validate(model, tok, cfg, val_rows, val_examples, policy, dist, progress)
     improved = not math.isnan(m["metric"]) and (state.best_metric is None
                                                 or m["metric"] > state.best_metric)
     if improved:

@@ -280,3 +280,12 @@ def test_smollm2_bpe_eval_prompts_end_at_answer(smollm_tok, data_root):
         full = encode_record(r, smollm_tok, TokenizeConfig()).input_ids
         assert full[len(ev.input_ids)] == (10539 if r["output"] == "Yes." else 5230)
         assert full[-1] == smollm_tok.eos_id
+
+
+def test_cutoff_summary_of_an_rt_run_names_no_alpaca_counters():
+    from data.collate import CutoffStats
+
+    s = CutoffStats(examples=7, history_dropped=2, items_dropped=3, input_truncated=1)
+    assert s.summary(rec=True) == "7 rows; 2 rec rows lost 3 history items"
+    assert s.summary(rec=False) == "7 rows; 1 Alpaca inputs cut; 0 Alpaca responses cut"
+    assert "Alpaca" in s.summary() and "history" in s.summary()
