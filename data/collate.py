@@ -15,10 +15,9 @@ Each case is counted in CutoffStats.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from data.prompts import NO, YES, format_prompt, is_rec_record, parse_rec_record
@@ -259,9 +258,8 @@ def collate_eval(
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompts whose last position predicts the answer.
 
-    input_ids, attention_mask, position_ids: (B, T); labels: (B,) 1 Yes / 0 No.
-    position_ids count real tokens only, so a left-padded row sees the same RoPE positions
-    as when run alone.
+    input_ids, attention_mask: (B, T); labels: (B,) 1 Yes / 0 No. The model derives RoPE
+    positions from the mask, so a left-padded row sees the same positions as when run alone.
     """
     if not examples:
         raise ValueError("empty batch")
@@ -271,51 +269,5 @@ def collate_eval(
     return {
         "input_ids": _pad(ids, pad_id, width, True),
         "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
         "labels": torch.tensor([e.label for e in examples], dtype=torch.long),
     }
-
-
-@dataclass
-class LengthGroupedBatches:
-    """Batches of similar length (HF's LengthGroupedSampler idea), seeded per epoch.
-
-    Shuffle all rows, cut into mega-batches of group_factor * batch_size, sort each by
-    length (longest first), cut into batches and shuffle the batch order. Padding drops
-    a lot while every epoch still sees a different mix.
-    """
-
-    lengths: list[int]
-    batch_size: int
-    seed: int = 0
-    group_factor: int = 50  # 1 disables grouping: plain shuffled batches
-    drop_last: bool = False
-    _epoch: int = field(default=0, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.group_factor < 1:
-            raise ValueError("batch_size and group_factor must be >= 1")
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self._epoch])
-        order = rng.permutation(len(self.lengths)).tolist()
-        mega = self.batch_size * self.group_factor
-        out: list[list[int]] = []
-        for start in range(0, len(order), mega):
-            group = order[start : start + mega]
-            if self.group_factor > 1:
-                group.sort(key=lambda i: -self.lengths[i])
-            out += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
-        if self.drop_last:
-            out = [b for b in out if len(b) == self.batch_size]
-        return [out[i] for i in rng.permutation(len(out))]
-
-    def __iter__(self):
-        return iter(self.batches())
-
-    def __len__(self) -> int:
-        n = len(self.lengths)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

@@ -5,7 +5,6 @@ from data.collate import (
     IGNORE_INDEX,
     CutoffStats,
     Example,
-    LengthGroupedBatches,
     TokenizeConfig,
     collate_eval,
     collate_train,
@@ -184,7 +183,6 @@ def test_collate_eval_left_pads_to_answer_position():
     batch = collate_eval([_ex([1, 5, 6], label=1), _ex([1, 7], label=0)], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 5, 6], [0, 1, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
     assert batch["labels"].tolist() == [1, 0]
 
 
@@ -194,24 +192,6 @@ def test_pad_value_for_tokenizer_without_pad():
 
     assert pad_value(NoPad()) == 0 and pad_value(CharTok()) == 0
 
-
-def test_length_grouped_batches():
-    lengths = [(i * 37) % 101 for i in range(1000)]
-    sampler = LengthGroupedBatches(lengths, batch_size=8, seed=3, group_factor=10)
-    batches = sampler.batches()
-    assert sorted(i for b in batches for i in b) == list(range(1000))
-    assert len(batches) == len(sampler) == 125
-    assert batches == LengthGroupedBatches(lengths, 8, seed=3, group_factor=10).batches()
-    sampler.set_epoch(1)
-    assert sampler.batches() != batches
-
-    def waste(bs):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
-
-    plain = LengthGroupedBatches(lengths, 8, seed=3, group_factor=1).batches()
-    assert waste(batches) < waste(plain) / 5
-    dropped = LengthGroupedBatches(lengths[:1001 - 5], 8, seed=0, drop_last=True)
-    assert all(len(b) == 8 for b in dropped.batches()) and len(dropped) == 124
 
 
 # --- real data and real tokenizers ---------------------------------------------------

@@ -216,7 +216,11 @@ def test_train_in_bf16_tracks_fp32(tmp_path, data_root):
     assert bf16 != fp32  # really ran in bf16
     saved = adapter(Path(bf16_cfg.out) / "last")
     assert {t.dtype for t in saved.values()} == {torch.float32}
-    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)  # trained
+    # B starts at zero, so B is the whole update: bf16's is within 10% of fp32's (measured
+    # 0.7-4%); an update lost or mis-scaled on the autocast/scaler path is off by far more.
+    ref = adapter(Path(tmp_path / "fp32" / "run" / "last"))
+    for k in (k for k in saved if "lora_B" in k):
+        assert ref[k].norm() > 0 and (saved[k] - ref[k]).norm() < 0.1 * ref[k].norm(), k
 
 
 def test_train_on_both_domains(tmp_path, data_root):
