@@ -33,3 +33,15 @@ def smollm2():
     ref = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                            dtype=torch.float32).eval()
     return model.eval(), tok, ref
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is as fast, and fairer to a shared 2-core machine.
+    Subprocesses the module starts need OMP_NUM_THREADS=1 to match it bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

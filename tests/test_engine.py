@@ -16,6 +16,7 @@ from engine.train import TrainingError, train
 from tests.references import pairwise_auc
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(tmp_path, data_root, **over) -> TrainConfig:
@@ -108,13 +109,21 @@ def _cli(cfg: TrainConfig) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("kill_at", ["step-5", "swap-last:2"])
-def test_resume_after_sigkill_gives_same_adapter(tmp_path, data_root, kill_at):
-    full = tiny_cfg(tmp_path / "full", data_root, save_every=2, eval_every=4, epochs=3)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root) -> TrainConfig:
+    """The reference run every resume test compares with, trained once for the module."""
+    full = tiny_cfg(tmp_path_factory.mktemp("full"), data_root, save_every=2, eval_every=4,
+                    epochs=3)
     train(full, progress=False)
+    return full
+
+
+@pytest.mark.parametrize("kill_at", ["step-5", "swap-last:2"])
+def test_resume_after_sigkill_gives_same_adapter(tmp_path, data_root, kill_at, uninterrupted):
+    full = uninterrupted
     cut = tiny_cfg(tmp_path / "cut", data_root, save_every=2, eval_every=4, epochs=3)
     assert config_from_args(_cli(cut)) == cut
-    env = {**os.environ, "TALLREC_KILL_AT": kill_at}
+    env = {**os.environ, "TALLREC_KILL_AT": kill_at, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *_cli(cut)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # really SIGKILLed
@@ -142,7 +151,8 @@ def test_non_empty_out_dir_is_not_overwritten(tmp_path, data_root):
 
 def test_resume_with_different_settings_is_refused(tmp_path, data_root):
     cfg = tiny_cfg(tmp_path, data_root, epochs=1)
-    train(cfg, progress=False)
+    Path(cfg.out).mkdir(parents=True)  # a run's config.json is all the check reads
+    (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict()))
     with pytest.raises(ValueError, match=r"settings differ.*lr"):
         train(tiny_cfg(tmp_path, data_root, epochs=1, lr=1e-3, resume=True), progress=False)
 
@@ -165,7 +175,7 @@ def hf_base(folder, data_root, dim=64, nan=False) -> str:
 
 
 def test_init_adapter_for_another_base_fails(tmp_path, data_root):
-    cfg = tiny_cfg(tmp_path / "a", data_root, epochs=1)
+    cfg = tiny_cfg(tmp_path / "a", data_root, max_steps=1, val_size=8)
     train(cfg, progress=False)
     other = tiny_cfg(tmp_path / "b", data_root, base=hf_base(tmp_path / "base", data_root, 32),
                      tokenizer=None, init_adapter=str(Path(cfg.out) / "last"))

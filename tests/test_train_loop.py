@@ -17,14 +17,7 @@ from model import LoRAConfig, load_base
 from model.lora import lora_modules, mark_only_lora_trainable
 from tests.test_engine import adapter, tiny_cfg
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one thread is as fast, and fairer to a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- learning-rate schedules -------------------------------------------------------------
