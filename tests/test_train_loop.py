@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from data.collate import TokenizeConfig, encode_all
 from data.fewshot import k_shot, load_domain
 from engine.memory import PlanError
+from engine.precision import get_precision
 from engine.train import get_lr, load_data, step_batches, train, train_step
 from model import LoRAConfig, load_base
 from model.lora import lora_modules, mark_only_lora_trainable
@@ -64,7 +65,8 @@ def sgd_update(model, tok, examples, cfg) -> dict:
     before = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.SGD(params.values(), lr=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step(model, opt, scaler, examples, tok, cfg, torch.device("cpu"), None, 0)
+    train_step(model, opt, scaler, examples, tok, cfg, torch.device("cpu"),
+               get_precision("fp32"), 0)
     with torch.no_grad():
         update = {n: p - before[n] for n, p in params.items()}
         for n, p in params.items():
@@ -232,15 +234,18 @@ def test_train_on_both_domains(tmp_path, data_root):
     assert (Path(cfg.out) / "last" / "adapter_model.safetensors").is_file()
 
 
-def test_resume_without_a_checkpoint_says_so(tmp_path, data_root):
-    cfg = tiny_cfg(tmp_path, data_root)
-    with pytest.raises(FileNotFoundError, match="holds no run"):  # nothing there at all
-        train(tiny_cfg(tmp_path, data_root, resume=True), progress=False)
+def test_resume_without_a_checkpoint_says_so(tmp_path, data_root, capsys):
+    cfg = tiny_cfg(tmp_path, data_root, max_steps=1, val_size=8)
+    with pytest.raises(FileNotFoundError, match="not a run folder"):  # nothing there at all
+        train(tiny_cfg(tmp_path, data_root, max_steps=1, val_size=8, resume=True),
+              progress=False)
     out = Path(cfg.out)
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict()))  # started, never saved
-    with pytest.raises(FileNotFoundError, match="has no checkpoint yet; start it again"):
-        train(tiny_cfg(tmp_path, data_root, resume=True), progress=False)
+    result = train(tiny_cfg(tmp_path, data_root, max_steps=1, val_size=8, resume=True),
+                   progress=False)
+    assert "has no checkpoint yet; starting it from step 0" in capsys.readouterr().out
+    assert result["steps"] == 1 and (out / "last" / "adapter_model.safetensors").is_file()
 
 
 def test_memory_budget_refusal(tmp_path, data_root, capsys):
