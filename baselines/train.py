@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from baselines.models import MODELS, ModelConfig, SeqRecommender, mse_loss
-from baselines.text import DEFAULT_TEXT_BASE, title_embeddings
 from data.fewshot import k_shot, load_domain
 from data.items import ItemVocab, domain_vocab, record_to_ids, vocab_from_records
+from engine.embed import DEFAULT_TEXT_BASE, title_embeddings
 from engine.scoring import metrics
 
 WEIGHT_DECAYS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)

@@ -8,12 +8,11 @@ similarity with the target's title embedding. The chosen items are shown oldest 
 into preferences and unpreferences exactly as recent ones, so the prompt format is unchanged.
 
 The embedding of an item is the mean of the base model's final-norm hidden states over its
-title tokens (`baselines.text.embed_titles`), computed once per title list and cached.
+title tokens, computed once per title list and cached by `engine.embed` (data/ never loads a
+model: `python -m engine.prepare movielens --history-select semantic` builds these splits).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -49,21 +48,3 @@ class SemanticSelector:
         # Highest similarity first; among equals (e.g. one title under two ids) the newer.
         order = sorted(range(len(candidates)), key=lambda k: (-sims[k], -k))
         return order[: self.keep]
-
-
-def title_vectors(titles: dict[str, str], base: str, tokenizer: str | None = None,
-                  cache_dir: Path | str | None = None) -> tuple[list[str], torch.Tensor]:
-    """(item ids, (N, dim) title embeddings) for id -> title, cached per title list."""
-    from baselines.text import title_embeddings  # loads the base only when not cached
-
-    ids = list(titles)
-    return ids, title_embeddings([titles[i] for i in ids], base, tokenizer, cache_dir)
-
-
-def semantic_selector_factory(keep: int, base: str, tokenizer: str | None = None,
-                              cache_dir: Path | str | None = None):
-    """For `build_movielens(make_select=...)`: embeds the catalogue's titles once."""
-    def make(titles: dict[str, str]) -> SemanticSelector:
-        return SemanticSelector(title_vectors(titles, base, tokenizer, cache_dir), keep)
-
-    return make

@@ -1,7 +1,7 @@
 """Build TALLRec-format train/valid/test.json from raw data.
 
     python -m data.prepare movielens [--raw-dir DIR_OR_ZIP] --out DIR
-    python -m data.prepare movielens --history-select semantic [--history-pool 50] --out DIR
+    python -m engine.prepare movielens --history-select semantic [--history-pool 50] --out DIR
     python -m data.prepare bookcrossing --raw-dir DIR --out DIR
     python -m data.prepare toy --out DIR
 
@@ -19,12 +19,11 @@ import urllib.request
 from pathlib import Path
 
 from data.bookcrossing import BookCrossingConfig, build_bookcrossing
-from data.history import HISTORY_SELECT, semantic_selector_factory
+from data.history import HISTORY_SELECT
 from data.movielens import MovieLensConfig, build_movielens
 from data.records import write_records
 from data.toy import ToyConfig, toy_records
 from fileio import WriteError, atomic_write, describe, make_dir
-from model.config import DEFAULT_BASE
 from paths import cache_dir
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -116,8 +115,12 @@ def cmd_movielens(args: argparse.Namespace) -> int:
     )
     make_select = None
     if args.history_select == "semantic":
-        make_select = semantic_selector_factory(cfg.history_len, args.embed_base,
-                                                args.embed_tokenizer)
+        if args.make_semantic is None:  # data/ never loads a model (see engine/prepare.py)
+            print("error: --history-select semantic embeds titles with a base model: run it as "
+                  "python -m engine.prepare movielens --history-select semantic ...",
+                  file=sys.stderr)
+            return 2
+        make_select = args.make_semantic(cfg.history_len, args.embed_base, args.embed_tokenizer)
     splits = build_movielens(source, cfg, make_select)
     _write_splits(Path(args.out), {k: [s.to_record() for s in v] for k, v in splits.items()})
     return 0
@@ -161,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "title embeddings are most similar to the target's (after ReLLa)")
     ml.add_argument("--history-pool", type=int, default=50,
                     help="semantic: candidates, the last N ratings before the target")
-    ml.add_argument("--embed-base", default=DEFAULT_BASE,
+    ml.add_argument("--embed-base",
                     help="semantic: base model whose mean-pooled hidden states embed titles "
-                         "(cached in the tallrec cache)")
+                         "(default: the default base; cached in the tallrec cache)")
     ml.add_argument("--embed-tokenizer", help="semantic: tokenizer overriding the base's")
     ml.set_defaults(func=cmd_movielens)
 
@@ -186,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, make_semantic=None) -> int:
+    """make_semantic: the title-embedding selector factory (engine.embed's), given by
+    `python -m engine.prepare`; without it `--history-select semantic` is refused."""
     args = build_parser().parse_args(argv)
+    args.make_semantic = make_semantic
     try:
         check_out(Path(args.out))
         return args.func(args)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from baselines.models import MODELS, ModelConfig, SeqRecommender, mse_loss
-from baselines.text import embed_titles, title_embeddings
 from baselines.train import (
     BaselineConfig,
     RunResult,
@@ -22,6 +21,7 @@ from baselines.train import (
 from data.fewshot import k_shot, load_domain
 from data.items import ItemVocab, domain_vocab, movielens_vocab, record_to_ids, vocab_from_records
 from data.prompts import RecSample
+from engine.embed import embed_titles, title_embeddings
 
 # -- data/items -------------------------------------------------------------------------------
 

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from data.history import SemanticSelector, semantic_selector_factory
+from data.history import SemanticSelector
 from data.movielens import MovieLensConfig, build_movielens
-from data.prepare import main
+from data.prepare import main as data_prepare_main
+from engine.embed import semantic_selector_factory
+from engine.prepare import main
 
 N_ITEMS = 45
 # Items whose embedding lies close to the target's direction (angle 0), hand-picked so the
@@ -111,7 +113,7 @@ def test_same_windows_labels_and_splits_as_recent(data_root):
 
 def test_cli_semantic(tmp_path, monkeypatch):
     write_raw(tmp_path / "raw")
-    import data.prepare as prepare
+    import engine.prepare as prepare
 
     def factory(keep, base, tokenizer=None, cache_dir=None):
         assert (keep, base) == (10, "some-base")
@@ -126,7 +128,7 @@ def test_cli_semantic(tmp_path, monkeypatch):
 
 
 def test_factory_embeds_titles_once(monkeypatch):
-    import baselines.text
+    import engine.embed
 
     calls = []
 
@@ -134,6 +136,15 @@ def test_factory_embeds_titles_once(monkeypatch):
         calls.append(titles)
         return torch.eye(len(titles))
 
-    monkeypatch.setattr(baselines.text, "title_embeddings", fake)
+    monkeypatch.setattr(engine.embed, "title_embeddings", fake)
     sel = semantic_selector_factory(1, "b")({"1": "A", "2": "B"})
     assert calls == [["A", "B"]] and sel(["1", "2"], "2") == [1]
+
+
+def test_data_prepare_alone_refuses_semantic_and_names_the_entry_point(tmp_path, capsys):
+    # data/ never loads a model: the semantic build goes through engine.prepare
+    write_raw(tmp_path / "raw")
+    assert data_prepare_main(["movielens", "--raw-dir", str(tmp_path / "raw"), "--out",
+                              str(tmp_path / "o"), "--history-select", "semantic"]) == 2
+    assert "python -m engine.prepare" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "train.json").exists()

@@ -110,9 +110,9 @@ def ensure_semantic_data(grid: GridConfig) -> Path:
     folder = grid.semantic_dir()
     if all((folder / f"{s}.json").is_file() for s in ("train", "valid", "test")):
         return folder
-    from data.history import semantic_selector_factory
     from data.movielens import MovieLensConfig, build_movielens
     from data.records import write_records
+    from engine.embed import semantic_selector_factory
 
     root = resolve_data_root(grid.data_root)
     spec = grid.semantic_spec()

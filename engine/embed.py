@@ -1,5 +1,7 @@
-"""Frozen text embeddings of item titles for GRU-text (TALLRec's GRU-BERT), from our own base
-model instead of BERT: the mean of the final-norm hidden states over the title's tokens.
+"""Frozen text embeddings of item titles from our own base model: the mean of the final-norm
+hidden states over the title's tokens. Two users: GRU-text (TALLRec's GRU-BERT, with our base
+instead of BERT) and retrieved histories (`data.history.SemanticSelector`, after ReLLa), which
+data/ cannot build itself since it never loads a model.
 
 Computed once per (base, tokenizer, title list) and cached as a .pt file, so a grid of
 runs reads it back instead of running the LLM again.
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from data.history import SemanticSelector
 from fileio import atomic_write, make_dir
 from model.config import DEFAULT_BASE
 from paths import cache_dir as default_cache_dir
@@ -79,3 +82,21 @@ def title_embeddings(titles: list[str], base: str = DEFAULT_TEXT_BASE,
     atomic_write(path, lambda tmp: torch.save(
         {"base": str(base), "tokenizer": str(tokenizer), "titles": titles, "emb": emb}, tmp))
     return emb
+
+
+def title_vectors(titles: dict[str, str], base: str | None = None, tokenizer: str | None = None,
+                  cache_dir: Path | str | None = None) -> tuple[list[str], torch.Tensor]:
+    """(item ids, (N, dim) title embeddings) for id -> title, cached per title list."""
+    ids = list(titles)
+    return ids, title_embeddings([titles[i] for i in ids], base or DEFAULT_TEXT_BASE, tokenizer,
+                                 cache_dir)
+
+
+def semantic_selector_factory(keep: int, base: str | None = None, tokenizer: str | None = None,
+                              cache_dir: Path | str | None = None):
+    """For `data.movielens.build_movielens(make_select=...)`: embeds the catalogue's titles
+    once (base None: the default base)."""
+    def make(titles: dict[str, str]) -> SemanticSelector:
+        return SemanticSelector(title_vectors(titles, base, tokenizer, cache_dir), keep)
+
+    return make
