@@ -183,10 +183,12 @@ def eval_rows(cfg: EvalConfig, run_cfg: dict | None):
     return records, source, synthetic, name
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Score the rows `cfg` names; -> the result JSON as a dict (nothing is written)."""
+def evaluate(cfg: EvalConfig, dist=None) -> dict:
+    """Score the rows `cfg` names; -> the result JSON as a dict (nothing is written). Under
+    torchrun (`dist`, engine.distributed.Dist) each rank scores its share of the rows and every
+    rank gets them all back in order."""
     from engine.precision import resolve_precision
-    from engine.scoring import metrics, score
+    from engine.scoring import metrics, score_split
     from model import load_base, probe_base
 
     adapter_dir, run_cfg, lora_cfg, adapter_base = resolve_checkpoint(cfg.ckpt)
@@ -194,7 +196,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     records, source, synthetic, name = eval_rows(cfg, run_cfg)
     if not records:
         raise ValueError(f"nothing to score: {source} holds no rows")
-    device, policy = resolve_precision(cfg.device, cfg.precision)
+    device, policy = resolve_precision(dist.device(cfg.device) if dist else cfg.device,
+                                       cfg.precision)
     quant = cfg.quant or (run_cfg or {}).get("quant") or "none"
     # Every check that needs no weights comes before the (slow) load: headers, tokenizer.
     _, tok = probe_base(base, cfg.tokenizer, cfg.data_root)
@@ -210,8 +213,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(f"scoring {source} with {'base ' + str(base) if adapter_dir is None else adapter_dir}"
           + (f" on a {quant} base" if quant != "none" else ""))
     t0 = time.time()
-    probs, labels, cut, n_tokens = score(model, tok, records, cfg.batch_size, cfg.cutoff_len,
-                                         policy, progress=cfg.progress)
+    probs, labels, cut, n_tokens = score_split(model, tok, records, cfg.batch_size,
+                                               cfg.cutoff_len, policy, progress=cfg.progress,
+                                               dist=dist)
     seconds = time.time() - t0
     return {**metrics(probs, labels), "name": name,
             "ckpt": str(adapter_dir) if adapter_dir else "none", "base": str(base), "quant": quant,

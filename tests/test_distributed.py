@@ -203,3 +203,20 @@ def test_kill_one_rank_stops_the_run_and_resume_continues(runs, data_root):
     assert steps == [1, 2, 3, 4]  # step 3 (after the step-2 checkpoint) redone, logged once
 
 
+
+
+def test_torchrun_evaluate_splits_the_rows_and_equals_one_process(runs, tmp_path):
+    single, _, _ = runs
+    from evaluate import main as evaluate_main
+
+    common = ["--ckpt", str(Path(single.out) / "last"), "--domain", "toy", "--limit", "40",
+              "--tokenizer", single.tokenizer, "--device", "cpu", "--precision", "fp32",
+              "--batch-size", "8", "--no-progress"]
+    assert evaluate_main([*common, "--out", str(tmp_path / "one.json")]) == 0
+    proc = torchrun([*common, "--out", str(tmp_path / "two.json")], script="evaluate.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["n"] == 40 and two["labels"] == one["labels"]  # gathered back in row order
+    torch.testing.assert_close(torch.tensor(two["probs"]), torch.tensor(one["probs"]),
+                               rtol=0, atol=2e-6)  # the JSON rounds to 6 digits
+    assert two["auc"] == pytest.approx(one["auc"], abs=1e-6)
