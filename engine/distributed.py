@@ -16,6 +16,7 @@ A single process (no WORLD_SIZE, or 1) never creates a process group or touches 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -165,7 +166,13 @@ class Dist:
         dist.barrier()
 
     def close(self):
+        """Tear down together: every rank reaches the barrier, DDP's reducer (which holds the
+        group) goes first, then the group. A rank that destroys the group while another still
+        uses it, or while its own reducer lives, can abort in gloo's threads at exit."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
+            self.ddp = self.loss_model = None
+            gc.collect()
             dist.destroy_process_group()
 
 
