@@ -64,6 +64,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     checkpointing: str = "none"  # none | full | every-<k>: gradient checkpointing policy
+    checkpoint_offload: bool = False  # checkpointed blocks' inputs wait in host memory
     memory_budget: str | None = None  # e.g. 24GiB: refuse a run whose plan does not fit
     use_kernels: bool = True  # fused Triton LoRA on CUDA
     seed: int = 42
@@ -89,7 +90,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}")
         self.lora()  # validates r, alpha, dropout and targets early
-        self.checkpoint_every()
+        if self.checkpoint_every() == 0 and self.checkpoint_offload:
+            raise ValueError("--checkpoint-offload moves the inputs of checkpointed blocks: "
+                             "give --checkpointing full or every-<k> with it")
 
     def _check_types(self):
         """Values from a --config file arrive untyped: say which field has the wrong kind."""
@@ -264,6 +267,13 @@ HELP = {
     "else fp32 (tests that need exact numbers ask for fp32); bf16/fp16 store frozen weights in "
     "that dtype",
     "checkpointing": "gradient checkpointing: none, full, or every-<k> blocks",
+    "checkpoint_offload": "with --checkpointing full or every-<k>: keep each checkpointed "
+                          "block's input in host memory (pinned, copied asynchronously on "
+                          "CUDA) until backward recomputes that block, so the GPU holds one "
+                          "block input instead of one per checkpointed block (unsloth's "
+                          "offloaded gradient checkpointing); costs as much host RAM and two "
+                          "copies per block per micro-batch, gradients unchanged; on CPU a "
+                          "plain copy",
     "memory_budget": "refuse to start if the memory plan exceeds this (e.g. 24GiB)",
     "use_kernels": "use the fused Triton LoRA kernel and the quantized-matmul kernel on CUDA",
     "seed": "seed for sampling, data order, LoRA init and dropout",

@@ -152,15 +152,18 @@ def plan_memory(cfg: TrainConfig, model_cfg, device, policy, seq_len: int, world
         quant = gguf_linear_format(resolve_base(cfg.base, cfg.data_root))
     quant_impl = "triton" if device.type == "cuda" and cfg.use_kernels else "torch"
     kw = dict(lora=lora, precision=policy, backend=backend, lora_impl=lora_impl,
-              quant=quant, quant_impl=quant_impl, ddp_world=world)
+              quant=quant, quant_impl=quant_impl, ddp_world=world,
+              offload=cfg.checkpoint_offload)
     p = plan(model_cfg, seq_len, cfg.micro_batch_size, checkpoint=cfg.checkpointing,
              budget=budget, **kw)
     print(p.table() if budget is not None or world > 1 else f"memory plan: {p.summary()}")
     if not p.fits:
         try:
             alt = choose(model_cfg, seq_len, budget, **kw)
+            offload = (" --checkpoint-offload" if alt.offload else
+                       " --no-checkpoint-offload" if cfg.checkpoint_offload else "")
             hint = (f"nearest plan that fits: --micro-batch-size {alt.micro_batch} "
-                    f"--checkpointing {alt.checkpoint} ({fmt_bytes(alt.peak)})")
+                    f"--checkpointing {alt.checkpoint}{offload} ({fmt_bytes(alt.peak)})")
         except PlanError as e:
             hint = str(e)
         raise PlanError(f"the plan needs {fmt_bytes(p.peak)} but the budget is "

@@ -179,6 +179,7 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool, dist: Dist | None = No
         load_adapter(model, cfg.init_adapter)  # checks rank, targets and every shape
         print(f"initialised LoRA from {cfg.init_adapter} (trained on base {init_base})")
     model.checkpoint_every = cfg.checkpoint_every()
+    model.checkpoint_offload = cfg.checkpoint_offload
     dist = dist or Dist()
     if dist.rank > 0:  # same LoRA init on every rank, but each its own dropout stream
         torch.manual_seed(rank_seed(cfg.seed, dist.rank))

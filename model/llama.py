@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
 from model.config import LlamaConfig
@@ -114,6 +115,30 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def _to_host(t: torch.Tensor):
+    # Pinned memory lets the device-to-host copy run asynchronously on the current stream:
+    # the allocator reuses the device memory only after the copy, which is ordered before it.
+    # On CPU this is a plain copy, so the caller's tensor is still released.
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+    host.copy_(t, non_blocking=t.is_cuda)
+    return t.device, host
+
+
+def _to_device(packed) -> torch.Tensor:
+    device, host = packed
+    return host.to(device, non_blocking=True)
+
+
+def offload_to_host() -> saved_tensors_hooks:
+    """Tensors saved for backward inside this context live in host memory until backward
+    reads them (unsloth's offloaded gradient checkpointing, written as saved-tensor hooks like
+    torch.autograd.graph.save_on_cpu). Around a non-reentrant `checkpoint`, the only tensors
+    saved under these hooks are the block's positional inputs (its inner activations go to
+    checkpoint's own, innermost hooks), and they come back just before the block is
+    recomputed: the device holds one block input at a time instead of one per block."""
+    return saved_tensors_hooks(_to_host, _to_device)
+
+
 def right_padded(attention_mask: torch.Tensor) -> bool:
     """Every row is real tokens then padding (or no padding at all). Causal attention alone is
     then exact for every real query: the padding keys all come after it."""
@@ -146,8 +171,10 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Gradient checkpointing: recompute every k-th block in backward (0 = off, 1 = all).
+        # Gradient checkpointing: recompute every k-th block in backward (0 = off, 1 = all);
+        # with checkpoint_offload, those blocks' inputs wait in host memory until then.
         self.checkpoint_every = 0
+        self.checkpoint_offload = False
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Final-norm hidden states (B, T, dim): what the LM head (or a chunked loss) reads."""
@@ -168,7 +195,13 @@ class Llama(nn.Module):
             sin = sin.to(torch.get_autocast_dtype(x.device.type))
         k = self.checkpoint_every
         for i, layer in enumerate(self.layers):
-            if k and torch.is_grad_enabled() and i % k == 0:
+            recompute = k and torch.is_grad_enabled() and i % k == 0
+            if recompute and self.checkpoint_offload:
+                # cos, sin and mask by keyword: checkpoint saves only positional tensors, so
+                # only x moves; those three are shared by every block and stay where they are.
+                with offload_to_host():
+                    x = checkpoint(layer, x, cos=cos, sin=sin, mask=mask, use_reentrant=False)
+            elif recompute:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask)

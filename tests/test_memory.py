@@ -1,5 +1,9 @@
 """Planner vs reality: activation bytes autograd saves, parameter/optimizer bytes of real tensors,
-the 7B plan, bad inputs; and checkpointing gives bit-identical gradients."""
+the 7B plan, bad inputs; and checkpointing, offloaded or not, gives bit-identical gradients."""
+
+import gc
+import re
+import weakref
 
 import pytest
 import torch
@@ -211,8 +215,8 @@ def test_cli_prints_table(capsys):
     assert e.value.code == 0
 
 
-def _grads(model, ids, mask, ckpt, seed):
-    model.checkpoint_every = ckpt
+def _grads(model, ids, mask, ckpt, seed, offload=False):
+    model.checkpoint_every, model.checkpoint_offload = ckpt, offload
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # the dropout masks
     loss, _ = causal_lm_loss(model, ids, mask, chunk_size=16)
@@ -222,6 +226,8 @@ def _grads(model, ids, mask, ckpt, seed):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_checkpointing_gives_bit_identical_gradients(dropout):
+    """Plain, every-k and offloaded checkpointing against no checkpointing, fp32, bit for bit;
+    with dropout the recompute must draw the forward's masks again."""
     lora = LoRAConfig(r=4, dropout=dropout, targets=["q", "v", "o", "gate", "down"])
     cfg = LlamaConfig(**{**PRESETS["tiny"], "n_layers": 4})
     model = build(cfg, lora, get_precision("fp32"))
@@ -230,10 +236,70 @@ def test_checkpointing_gives_bit_identical_gradients(dropout):
     ids, mask = batch(cfg, 3, 24, padded=True)
     ref = _grads(model, ids, mask, 0, seed=7)
     assert all(g.abs().sum() > 0 for g in ref)
-    for ckpt in (1, 2, 3):
-        got = _grads(model, ids, mask, ckpt, seed=7)
+    for ckpt, offload in ((1, False), (2, False), (3, False), (1, True), (3, True)):
+        got = _grads(model, ids, mask, ckpt, seed=7, offload=offload)
         for a, b in zip(ref, got, strict=True):
-            assert torch.equal(a, b), f"checkpoint_every={ckpt}: {(a - b).abs().max()}"
+            assert torch.equal(a, b), \
+                f"checkpoint_every={ckpt}, offload={offload}: {(a - b).abs().max()}"
     if dropout:  # the masks really differ between seeds, so the equality above means something
         other = _grads(model, ids, mask, 0, seed=8)
         assert not all(torch.equal(a, b) for a, b in zip(ref, other, strict=True))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offloading_releases_every_block_input(offload):
+    """After the forward, plain full checkpointing keeps every block's input alive for backward;
+    offloaded, none is left: backward reads host copies (on CPU, plain copies) instead."""
+    lora = LoRAConfig(r=4, dropout=0.0, targets=["q", "v"])
+    cfg = LlamaConfig(**{**PRESETS["tiny"], "n_layers": 4})
+    model = build(cfg, lora, get_precision("fp32"))
+    model.checkpoint_every, model.checkpoint_offload = 1, offload
+    inputs = []
+    for layer in model.layers:  # x is the one positional argument in both modes
+        layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+    ids, mask = batch(cfg, 2, 16, padded=True)
+    loss, _ = causal_lm_loss(model, ids, mask, chunk_size=16)
+    gc.collect()
+    alive = [r() is not None for r in inputs]
+    assert len(alive) == cfg.n_layers
+    assert alive == [not offload] * cfg.n_layers
+    loss.backward()  # and the graph still runs from the copies
+
+
+def test_offload_plan_by_hand():
+    """tiny, fp32, 2 x 32 tokens, full checkpointing: each block input is 64 tokens x 64 x 4 B
+    = 16 KiB. Offloaded, the device keeps one of them (the block being recomputed) and the host
+    holds all n_layers; nothing else in the plan moves."""
+    lora = LoRAConfig(r=4, dropout=0.0, targets=["q", "v"])
+    one_input = 2 * 32 * 64 * 4
+    assert TINY.dim == 64 and one_input == 16384
+    kw = dict(lora=lora, precision="fp32", checkpoint="full", backend="cpu-flash",
+              lora_impl="torch", padded=False, reserve=0)
+    plain, off = plan(TINY, 32, 2, **kw), plan(TINY, 32, 2, **kw, offload=True)
+    assert plain.activations["checkpointed block inputs"] == TINY.n_layers * one_input
+    assert off.activations["checkpointed block inputs"] == one_input
+    assert off.host_offload == TINY.n_layers * one_input and plain.host_offload == 0
+    assert plain.peak - off.peak == (TINY.n_layers - 1) * one_input
+    # every-2 on 4 layers checkpoints blocks 0 and 2; no checkpointing has nothing to offload
+    cfg4 = LlamaConfig(**{**PRESETS["tiny"], "n_layers": 4})
+    every2 = plan(cfg4, 32, 2, **{**kw, "checkpoint": "every-2"}, offload=True)
+    assert every2.host_offload == 2 * one_input
+    assert every2.activations["checkpointed block inputs"] == one_input
+    none = plan(TINY, 32, 2, **{**kw, "checkpoint": "none"}, offload=True)
+    assert not none.offload and none.host_offload == 0
+
+
+def test_offload_plan_llama7b_nf4(capsys):
+    """LLaMA-7B r=8 q/v, seq 512, micro-batch 8, full checkpointing, bf16: 32 block inputs of
+    4096 tokens x 4096 x 2 B = 32 MiB each go to the host (1 GiB), 31 of them leave the GPU."""
+    lora = LoRAConfig(r=8, targets=["q", "v"])
+    args = ("llama-7b", 512, 8, lora, "bf16", "full")
+    for quant in ("none", "nf4"):
+        plain, off = plan(*args, quant=quant), plan(*args, quant=quant, offload=True)
+        assert off.host_offload == 32 * 4096 * 4096 * 2 == GiB
+        assert plain.peak - off.peak == 31 * 32 * 2**20
+    assert main(["--base", "llama-7b", "--seq", "512", "--budget", "24GiB", "--micro-batch",
+                 "8", "--checkpoint", "full", "--quant", "nf4", "--checkpoint-offload"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs offloaded to host" in out
+    assert re.search(r"host RAM \(pinned\), not in the peak +1\.00 GiB", out)

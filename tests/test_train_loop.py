@@ -254,3 +254,28 @@ def test_memory_budget_refusal(tmp_path, data_root, capsys):
         train(cfg, progress=False)
     assert "predicted peak" in capsys.readouterr().out  # the table was printed first
     assert not (Path(cfg.out) / "last").exists()
+
+
+def test_checkpoint_offload_reaches_the_model_and_changes_no_bit(tmp_path, data_root, capsys,
+                                                                  monkeypatch):
+    """--checkpoint-offload: the preflight plan says so, the model runs its blocks under the
+    offload hooks, and the adapter equals plain --checkpointing full's bit for bit (fp32)."""
+    import model.llama as llama
+
+    calls = []
+    real = llama.offload_to_host
+    monkeypatch.setattr(llama, "offload_to_host", lambda: calls.append(1) or real())
+    outs = {}
+    for offload in (False, True):
+        cfg = tiny_cfg(tmp_path / str(offload), data_root, max_steps=2, val_size=8,
+                       checkpointing="full", checkpoint_offload=offload,
+                       memory_budget="24GiB")
+        train(cfg, progress=False)
+        outs[offload] = Path(cfg.out) / "last"
+        table = capsys.readouterr().out
+        assert ("inputs offloaded to host" in table) == offload
+        assert bool(calls) == offload
+    a, b = adapter(outs[False]), adapter(outs[True])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--checkpoint-offload .* --checkpointing full"):
+        tiny_cfg(tmp_path, data_root, checkpoint_offload=True)

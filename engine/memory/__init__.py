@@ -27,6 +27,8 @@ and checked against `saved_tensors_hooks` on CPU (tests/test_memory.py):
 - SwiGLU keeps gate, silu(gate) and up; down's input only when down has LoRA.
 - The first block's input (frozen embeddings) needs no grad: its first RMSNorm keeps nothing.
 - A checkpointed block keeps only its input; its activations come back in backward.
+  With offloading (`Llama.checkpoint_offload`) that input waits in host memory and comes
+  back just before its block is recomputed: one block input on the device at a time.
 - The loss (engine/loss.py) keeps ∂L/∂h for the selected rows and their int64 index.
 """
 

@@ -32,6 +32,11 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None,
                     help="gradient checkpointing: none, full, or every-k (every k-th block); "
                          "default: the cheapest that fits")
+    ap.add_argument("--checkpoint-offload", action="store_true",
+                    help="keep each checkpointed block's input in pinned host memory until "
+                         "backward recomputes that block (train.py --checkpoint-offload): one "
+                         "block input on the GPU instead of one per checkpointed block; the "
+                         "host RAM it takes is printed on its own line")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="bf16/fp16: base weights in that dtype + autocast; fp32: no autocast")
     ap.add_argument("--loss-chunk", type=int, default=1024,
@@ -62,7 +67,7 @@ def main(argv=None):
         lora = LoRAConfig(r=args.r, dropout=args.dropout, targets=args.targets.split(","))
         kw = dict(backend=args.backend, lora_impl=args.lora_impl, padded=not args.unpadded,
                   loss_chunk=args.loss_chunk, reserve=args.reserve, quant=args.quant,
-                  quant_impl=args.quant_impl)
+                  quant_impl=args.quant_impl, offload=args.checkpoint_offload)
         if args.micro_batch is not None and args.checkpoint is not None:
             p = plan(args.base, args.seq, args.micro_batch, lora, args.precision,
                      args.checkpoint, budget=args.budget, **kw)

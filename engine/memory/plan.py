@@ -45,6 +45,8 @@ class Plan:
     quant: str = "none"
     quant_weights: int = 0  # of `weights`, the quantized decoder Linear weights
     dequant_temp: int = 0  # transient dense W of the torch dequantize path
+    offload: bool = False  # checkpointed block inputs kept in host memory (model/llama.py)
+    host_offload: int = 0  # their pinned host bytes: not device memory, not in the peak
     weights: int = 0
     lora_params: int = 0
     lora_grads: int = 0
@@ -101,11 +103,13 @@ class Plan:
 
     def summary(self) -> str:
         return (f"{self.model}, seq {self.seq_len}, micro-batch {self.micro_batch}, "
-                f"checkpoint {self.checkpoint}, {self.precision}: peak {fmt_bytes(self.peak)}")
+                f"checkpoint {self.checkpoint}{' offloaded' if self.offload else ''}, "
+                f"{self.precision}: peak {fmt_bytes(self.peak)}")
 
     def table(self) -> str:
         tokens = self.micro_batch * self.seq_len
         lora = self.lora
+        offloaded = ", inputs offloaded to host" if self.offload else ""
         rows = [
             ("model", f"{self.model} ({self.cfg.n_params / 1e9:.2f}B params, "
                       f"{self.cfg.n_layers} layers)"),
@@ -115,7 +119,7 @@ class Plan:
                       f"{'padded' if self.padded else 'unpadded'}, attention {self.backend}"),
             ("precision / checkpoint", f"{self.precision} / {self.checkpoint} "
                                        f"({self.n_checkpointed} of {self.cfg.n_layers} blocks "
-                                       f"recomputed)"),
+                                       f"recomputed{offloaded})"),
             ("", ""),
             ("frozen base weights", fmt_bytes(self.weights) + (
                 f" ({self.quant} decoder linears {fmt_bytes(self.quant_weights)}, the rest "
@@ -137,6 +141,12 @@ class Plan:
             ("predicted peak", fmt_bytes(self.peak)
              + (f" of {fmt_bytes(self.budget)} budget: "
                 f"{'fits' if self.fits else 'DOES NOT FIT'}" if self.budget else "")),
+        ]
+        if self.offload:
+            rows.append(("host RAM (pinned), not in the peak",
+                         f"{fmt_bytes(self.host_offload)} of offloaded block inputs, each "
+                         f"crossing PCIe twice per micro-batch"))
+        rows += [
             ("", ""),
             ("one block, per token", ""),
         ]
@@ -152,14 +162,16 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
          checkpoint: str | int = "none", backend: str = "flash", lora_impl: str = "triton",
          padded: bool = True, loss_chunk: int = 1024, budget: str | int | None = None,
          reserve: str | int = GiB, ddp_world: int = 1, quant: str = "none",
-         quant_impl: str = "triton") -> Plan:
+         quant_impl: str = "triton", offload: bool = False) -> Plan:
     """The memory of one training step. backend: SDPA kernel ('flash'/'efficient' on CUDA,
     'cpu-flash' on CPU, 'math' anywhere; CUDA flash takes no mask, so padded -> efficient).
     lora_impl: 'triton' (the fused kernel) or 'torch' (cuBLAS + addmm_): what
     kernels.dispatch.lora_path returns for the model's kernel mode, device and micro-batch.
     quant: the base's decoder Linear weights as int8, nf4, nf4-dq, q8_0, q4_0 or q4_1
     (model/quant.py); their LoRA layers then run the torch adapter path. quant_impl: the base
-    matmul's path, 'triton' (the kernel: CUDA) or 'torch' (dequantize per call: CPU)."""
+    matmul's path, 'triton' (the kernel: CUDA) or 'torch' (dequantize per call: CPU).
+    offload: the checkpointed blocks' inputs wait in host memory (no effect without
+    checkpointing)."""
     name, cfg = resolve_config(base)
     prec = get_precision(precision)
     for what, v in (("seq_len", seq_len), ("micro_batch", micro_batch),
@@ -190,7 +202,8 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
     if quant != "none":
         lora_impl = "torch"  # model/quant.py's lora_forward: the adapter term in torch
     p = Plan(name, cfg, lora, T, B, prec.name, k, backend, lora_impl, padded, loss_chunk, budget,
-             parse_bytes(reserve) if reserve else 0, quant, quant_bytes, dequant)
+             parse_bytes(reserve) if reserve else 0, quant, quant_bytes, dequant,
+             offload=bool(offload and k))
     if quant != "none":
         p.why = f"quantized matmul: {'Triton kernel' if quant_impl == 'triton' else 'torch'}"
 
@@ -217,6 +230,10 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
         if i == 1 or cfg.n_layers == 1:
             p.layer_tensors = saved
         rg = out_rg
+    if p.offload:
+        # Every input goes to host memory in forward; backward brings one back at a time, just
+        # before its block is recomputed, and drops it with that block's activations.
+        p.host_offload, ckpt_inputs = ckpt_inputs, N * cfg.dim * prec.weight_bytes
     n_rows = B * (T - 1)  # worst case: every position carries loss
     p.activations = {
         "blocks (stored)": stored,
