@@ -3,6 +3,7 @@ memory plan for a 24 GiB card, in three phases: ours with the fused kernel force
 torch (cuBLAS + addmm_) path, and transformers + peft on the same configuration.
 
     python bench/bench_train_7b.py OUT_DIR [--budget 24GiB] [--seq 512] [--cpu-dry-run]
+                                           [--checkpoint full] [--checkpoint-offload]
 
 Writes OUT_DIR/bench_train_7b.json, rewritten after every phase; each phase runs under its own
 exception handler that records the traceback, and a failed phase never stops the next.
@@ -158,6 +159,11 @@ def parse_args(argv):
     ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds; phases not started by then are recorded as skipped")
+    ap.add_argument("--checkpoint", default=None,
+                    help="none, full or every-k; default: the planned one")
+    ap.add_argument("--checkpoint-offload", action="store_true",
+                    help="our phases keep checkpointed block inputs in host memory (planned "
+                         "so); transformers + peft checkpoints as before")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="tiny shapes on the CPU, the kernel through the Triton interpreter")
     args = ap.parse_args(argv)
@@ -194,9 +200,9 @@ def main(argv=None) -> int:
     cfg = LlamaConfig.from_preset(args.base)
     lora = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=["q", "v"], kernel="force")
     prec = get_precision("bf16")
-    kw = dict(backend="flash", padded=False)
+    kw = dict(backend="flash", padded=False, offload=args.checkpoint_offload)
     p = choose(args.base, args.seq, args.budget, lora, prec, micro_batch=args.micro_batch,
-               lora_impl="triton", **kw)
+               checkpoint=args.checkpoint, lora_impl="triton", **kw)
     # The torch path at the same micro-batch and checkpointing, for its own prediction.
     p_torch = plan(args.base, args.seq, p.micro_batch, lora, prec, p.checkpoint, budget=args.budget,
                    lora_impl="torch", **kw)
@@ -211,6 +217,7 @@ def main(argv=None) -> int:
     result = dict(info, config={
         "base": args.base, "seq": T, "micro_batch": B, "lora_r": lora.r, "targets": lora.targets,
         "dropout": lora.dropout, "precision": "bf16", "checkpoint": p.checkpoint,
+        "checkpoint_offload": p.offload,
         "budget": args.budget}, datasheet_peak_tflops=peak, measured_cublas_tflops=cublas,
         memory_cap=cap_memory(parse_bytes(args.budget), p.reserve, device), phases={})
     plans = {"ours_kernel": p, "ours_torch": p_torch}
@@ -237,7 +244,7 @@ def main(argv=None) -> int:
 
     def phase_ours(kernel: str, plan_):
         model = build_ours(cfg, LoRAConfig(**{**lora.to_dict(), "kernel": kernel}), device)
-        model.checkpoint_every = plan_.checkpoint_every
+        model.checkpoint_every, model.checkpoint_offload = plan_.checkpoint_every, plan_.offload
 
         def step():
             with prec.autocast(device):
