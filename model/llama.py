@@ -9,6 +9,8 @@ it when loaded (see `model/formats/`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,12 +72,19 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg.dim, kv_out, "v", lora)
         self.o_proj = make_linear(q_out, cfg.dim, "o", lora)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, past=None, keep=None):
+        """`past`: a shared prefix's (keys, values), batch 1, attended before x's tokens;
+        `keep`: a list that receives this call's (keys, values) (when encoding a prefix)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
+        if keep is not None:
+            keep.append((k, v))
+        if past is not None:
+            k = torch.cat((past[0].expand(B, -1, -1, -1), k), dim=2)
+            v = torch.cat((past[1].expand(B, -1, -1, -1), v), dim=2)
         n_rep = self.n_heads // self.n_kv_heads
         # CPU flash attention reads grouped K/V itself: no n_rep-fold copies, and no sum of
         # their gradients in backward. CUDA's efficient kernel (padded batches) cannot.
@@ -110,8 +119,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg, lora)
 
-    def forward(self, x, cos, sin, mask):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, past=None, keep=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past, keep)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -161,6 +170,18 @@ def build_attention_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, to
     return positions, mask[:, None]
 
 
+@dataclass
+class PrefixKV:
+    """Keys (after RoPE) and values of a prompt prefix, one (1, n_kv_heads, P, head_dim) pair
+    per layer. The LoRA weights are part of them: encode again after the adapter changes."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig, lora: LoRAConfig | None = None):
         super().__init__()
@@ -176,13 +197,27 @@ class Llama(nn.Module):
         self.checkpoint_every = 0
         self.checkpoint_offload = False
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Final-norm hidden states (B, T, dim): what the LM head (or a chunked loss) reads."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      prefix: PrefixKV | None = None, keep: list | None = None):
+        """Final-norm hidden states (B, T, dim): what the LM head (or a chunked loss) reads.
+
+        `prefix`: the keys/values of tokens every row shares in front of `input_ids` (see
+        `encode_prefix`); the rows then hold only their own tokens, right-padded, at positions
+        P.. . `keep`: a list that receives each layer's (keys, values)."""
         B, T = input_ids.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        P = prefix.length if prefix is not None else 0
+        if P + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {P + T} exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed_tokens(input_ids)  # (B, T, dim)
-        if attention_mask is None or right_padded(attention_mask):
+        if prefix is not None:
+            if attention_mask is not None and not right_padded(attention_mask):
+                raise ValueError("a shared prefix needs right-padded rows")
+            # Every query sees the whole prefix, then its own row causally: (1, 1, T, P + T).
+            positions = torch.arange(P, P + T, device=x.device).expand(B, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            seen = torch.ones(T, P, dtype=torch.bool, device=x.device)
+            mask = torch.cat((seen, causal), dim=1)[None, None]
+        elif attention_mask is None or right_padded(attention_mask):
             # Right padding (training batches): positions 0.. and the causal flag are exact
             # for real tokens; padding queries see earlier padding too, but nothing reads
             # them (their labels are -100), so no (B, 1, T, T) mask is built.
@@ -196,7 +231,10 @@ class Llama(nn.Module):
         k = self.checkpoint_every
         for i, layer in enumerate(self.layers):
             recompute = k and torch.is_grad_enabled() and i % k == 0
-            if recompute and self.checkpoint_offload:
+            if prefix is not None or keep is not None:  # scoring: no checkpointing
+                past = (prefix.keys[i], prefix.values[i]) if prefix is not None else None
+                x = layer(x, cos, sin, mask, past, keep)
+            elif recompute and self.checkpoint_offload:
                 # cos, sin and mask by keyword: checkpoint saves only positional tensors, so
                 # only x moves; those three are shared by every block and stay where they are.
                 with offload_to_host():
@@ -207,8 +245,19 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
 
+    @torch.no_grad()
+    def encode_prefix(self, input_ids: torch.Tensor) -> PrefixKV:
+        """The keys/values of a (1, P) token prefix at every layer, for `hidden_states(...,
+        prefix=)`: prompts that start alike (TALLRec's instruction, ~70 tokens of ~220) are
+        then scored without running their common start through the model once per row."""
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"a shared prefix is one row, got {input_ids.shape[0]}")
+        kept: list = []
+        self.hidden_states(input_ids, keep=kept)
+        return PrefixKV([k for k, _ in kept], [v for _, v in kept])
+
     def forward(self, input_ids, attention_mask=None, logits_at: torch.Tensor | None = None,
-                vocab_rows: list[int] | None = None):
+                vocab_rows: list[int] | None = None, prefix: PrefixKV | None = None):
         """Logits (B, T, vocab), or (B, P, ·) at the positions `logits_at` (B, P) only, and
         (·, len(vocab_rows)) for those vocabulary entries only.
 
@@ -216,7 +265,7 @@ class Llama(nn.Module):
         row per token is the largest activation of the model, so never compute what nobody
         reads.
         """
-        h = self.hidden_states(input_ids, attention_mask)
+        h = self.hidden_states(input_ids, attention_mask, prefix)
         if logits_at is not None:
             h = torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         if vocab_rows is not None:

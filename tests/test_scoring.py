@@ -9,7 +9,7 @@ import torch
 
 from data.collate import TokenizeConfig, encode_all
 from data.fewshot import load_domain
-from engine.scoring import metrics, score
+from engine.scoring import metrics, score, shared_prefix_len
 from model import load_base
 from tests.references import pairwise_auc
 
@@ -133,3 +133,43 @@ def test_batched_scores_equal_each_prompt_alone_in_transformers(tmp_path, data_r
                                rtol=1e-5, atol=1e-5)
     assert labels.tolist() == [int(r["output"] == "Yes.") for r in records]
     assert n_tokens == sum(len(e.input_ids) for e in examples)
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([[1, 2, 3, 4], [1, 2, 3, 5]], 3),
+    ([[1, 2, 3], [1, 2, 3, 4]], 2),  # the shorter row keeps its last token to score
+    ([[7, 2], [8, 2]], 0),
+    ([[1, 2, 3]], 2),
+    ([], 0),
+])
+def test_shared_prefix_len_by_hand(rows, expected):
+    assert shared_prefix_len(rows) == expected
+
+
+def test_shared_prefix_keys_values_give_the_full_forward():
+    """Rows = a common 7-token prefix + their own tokens: logits at each row's last token with
+    the prefix encoded once must equal the plain forward of the whole rows (fp32, 1e-5)."""
+    model, _ = load_base("random:tiny", seed=3, dtype=torch.float32)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(3, 200, (7,), generator=g).tolist()
+    tails = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 2, 9)]
+    width = max(len(t) for t in tails)
+
+    def padded(rows, w):
+        ids = torch.tensor([r + [0] * (w - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (w - len(r)) for r in rows])
+        return ids, mask
+
+    full_ids, full_mask = padded([head + t for t in tails], 7 + width)
+    tail_ids, tail_mask = padded(tails, width)
+    last_full = torch.tensor([[6 + len(t)] for t in tails])
+    last_tail = torch.tensor([[len(t) - 1] for t in tails])
+    with torch.no_grad():
+        want = model(full_ids, full_mask, logits_at=last_full)
+        prefix = model.encode_prefix(torch.tensor([head]))
+        got = model(tail_ids, tail_mask, logits_at=last_tail, prefix=prefix)
+    assert prefix.length == 7
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="right-padded"):
+        model(tail_ids, tail_mask.flip(-1), prefix=prefix)
