@@ -67,6 +67,7 @@ class TrainConfig:
     checkpoint_offload: bool = False  # checkpointed blocks' inputs wait in host memory
     memory_budget: str | None = None  # e.g. 24GiB: refuse a run whose plan does not fit
     use_kernels: bool = True  # fused Triton LoRA on CUDA
+    share_prefix: bool = True  # run the rows' common prefix once (training and validation)
     seed: int = 42
     out: str = "runs/latest"
     resume: bool = False
@@ -276,6 +277,11 @@ HELP = {
                           "plain copy",
     "memory_budget": "refuse to start if the memory plan exceeds this (e.g. 24GiB)",
     "use_kernels": "use the fused Triton LoRA kernel and the quantized-matmul kernel on CUDA",
+    "share_prefix": "run the token prefix all rows of a micro-batch (or of the validation "
+                    "rows) share, TALLRec's instruction, through the model once instead of "
+                    "once per row: the same loss and gradients up to rounding, fewer tokens "
+                    "through the layers; with LoRA dropout the rows share one dropout mask on "
+                    "that prefix (the same gradient in expectation)",
     "seed": "seed for sampling, data order, LoRA init and dropout",
     "out": "run folder (config, metrics.jsonl, checkpoints, best adapter)",
     "resume": "continue the run in --out from its last checkpoint",
@@ -422,6 +428,9 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
         out = Path(explicit.get("out", TrainConfig.out))
         saved = {k: v for k, v in read_run_config(out).items() if k in known}
+        # A run saved before --share-prefix existed ran every row whole: resume it so (exact
+        # with LoRA dropout, whose draws the shared prefix changes).
+        saved.setdefault("share_prefix", False)
         diff = resume_diff(saved, explicit)
         if diff:
             raise ValueError(f"--resume: settings differ from the run in {out}: "

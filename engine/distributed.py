@@ -47,15 +47,24 @@ class _HiddenStates(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, prefix_len: int = 0):
+        # A shared prefix's two passes (prefix once, then the rows) are one forward here:
+        # DDP expects one forward per backward.
+        if prefix_len:
+            return self.model.hidden_states_shared(input_ids, attention_mask, prefix_len)
         return self.model.hidden_states(input_ids, attention_mask)
 
 
 class LossModel:
-    """What causal_lm_loss reads (hidden_states, lm_head), with hidden_states through DDP."""
+    """What causal_lm_loss reads (hidden_states, hidden_states_shared, lm_head), with the
+    hidden states through DDP."""
 
     def __init__(self, ddp: DistributedDataParallel, model):
         self.hidden_states, self.lm_head = ddp, model.lm_head
+        self.ddp = ddp
+
+    def hidden_states_shared(self, input_ids, attention_mask, prefix_len: int):
+        return self.ddp(input_ids, attention_mask, prefix_len=prefix_len)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The causal-LM loss without full-vocabulary logits for every token.
 
     causal_lm_loss(model, input_ids, attention_mask=None, labels=None, chunk_size=1024,
-                   reduction="mean") -> (loss, n_tokens)
+                   reduction="mean", share_prefix=False) -> (loss, n_tokens)
 
     input_ids (B, T) int64; attention_mask (B, T) 1/0 or None; labels (B, T) int64 with -100 at
     positions that carry no loss (prompt, padding), or None = input_ids where the mask is 1.
@@ -23,6 +23,16 @@ bytes = 524 MB for LLaMA-7B, more with the bf16 copy and the softmax grad). Two 
        ∂loss/∂h      = (softmax − onehot) W             (compute dtype, as autograd would)
    Only ∂L/∂h (N × dim) is kept for backward, which scales it by the incoming gradient; no
    logits survive a chunk. Liger-Kernel's fused linear cross-entropy uses the same trick.
+
+share_prefix: rows of a batch that start with the same tokens (TALLRec's instruction, ~70 of
+~224) have the same hidden states there, since every row has the same LoRA weights. The
+common prefix (P tokens, with the same labels in every row) then runs once, batch 1, and the
+rows run only their own tokens against its keys/values (Llama.hidden_states_shared). The
+loss is the same sum over (position, row): positions 0..P-2 predict prefix tokens 1..P-1 in
+every row, so their CE is computed once and counted B times; position P-1 is shared but
+predicts each row's own token P; then each row's positions as usual. n_tokens is unchanged.
+One difference with LoRA dropout: the rows share one dropout mask on the prefix (same
+expected gradient). Batches sharing fewer than MIN_SHARED_PREFIX tokens take the plain path.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from data.collate import IGNORE_INDEX
+from engine.scoring import MIN_SHARED_PREFIX
+from model.llama import right_padded
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -79,7 +91,7 @@ def linear_cross_entropy(h, weight, target, chunk_size: int = 1024) -> torch.Ten
 
 
 def causal_lm_loss(model, input_ids, attention_mask=None, labels=None, chunk_size: int = 1024,
-                   reduction: str = "mean"):
+                   reduction: str = "mean", share_prefix: bool = False):
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if labels is None:
@@ -88,14 +100,51 @@ def causal_lm_loss(model, input_ids, attention_mask=None, labels=None, chunk_siz
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} "
                          f"differ in shape")
-    B, T = input_ids.shape
-    h = model.hidden_states(input_ids, attention_mask)  # (B, T, dim)
+    B = input_ids.shape[0]
+    P = shared_prefix_len(input_ids, attention_mask, labels) \
+        if share_prefix and hasattr(model, "hidden_states_shared") else 0
+    weight = model.lm_head.weight
+    if P:
+        h_prefix, h_rows = model.hidden_states_shared(input_ids, attention_mask, P)
+        # positions 0..P-2: the same predictions of the same tokens in every row, so once x B
+        loss_p, n_p = shifted_loss_sum(h_prefix, labels[:1, :P], weight, chunk_size)
+        # position P-1 (shared) predicts each row's token P; then the rows' own positions
+        h = torch.cat((h_prefix[:, P - 1:].expand(B, -1, -1), h_rows), dim=1)  # (B, T-P+1, dim)
+        loss_r, n_r = shifted_loss_sum(h, labels[:, P - 1:], weight, chunk_size)
+        loss, n = loss_p * B + loss_r, n_p * B + n_r
+    else:
+        h = model.hidden_states(input_ids, attention_mask)  # (B, T, dim)
+        loss, n = shifted_loss_sum(h, labels, weight, chunk_size)
+    if reduction == "mean":
+        loss = loss / max(n, 1)
+    return loss, n
+
+
+def shifted_loss_sum(h, labels, weight, chunk_size: int):
+    """h (B, T, dim), labels (B, T): the fp32 sum of CE where position t predicts
+    labels[:, t + 1] and that label is not ignored -> (sum, count)."""
+    B, T = labels.shape
     targets = labels[:, 1:].reshape(-1)  # (B·(T-1),): position t predicts token t+1
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     rows = keep // (T - 1) * T + keep % (T - 1)  # row of h (B·T rows) that predicts each target
     h_sel = h.reshape(B * T, -1).index_select(0, rows)  # (N, dim): the LM head sees only these
-    loss = linear_cross_entropy(h_sel, model.lm_head.weight, targets[keep], chunk_size)
-    n = keep.numel()
-    if reduction == "mean":
-        loss = loss / max(n, 1)
-    return loss, n
+    return linear_cross_entropy(h_sel, weight, targets[keep], chunk_size), keep.numel()
+
+
+def shared_prefix_len(input_ids, attention_mask, labels) -> int:
+    """How many leading tokens every row shares, with the same labels and no padding, leaving
+    each row at least one token of its own; 0 when that is under MIN_SHARED_PREFIX, for a
+    single row, or for rows that are not right-padded (the shared pass needs them so)."""
+    B, T = input_ids.shape
+    if B < 2 or (attention_mask is not None and not right_padded(attention_mask)):
+        return 0
+    same = ((input_ids == input_ids[:1]) & (labels == labels[:1])).all(0)  # (T,)
+    lengths = torch.full((B,), T, device=input_ids.device)
+    if attention_mask is not None:
+        same &= attention_mask.bool().all(0)
+        lengths = attention_mask.sum(1)
+    differ = torch.cat((~same, same.new_ones(1)))  # a sentinel: no difference means P = T
+    # the first difference, and the shortest row, in one host sync
+    first, shortest = torch.stack((differ.int().argmax(), lengths.min())).tolist()
+    P = min(first, shortest - 1)
+    return P if P >= MIN_SHARED_PREFIX else 0

@@ -91,13 +91,14 @@ def score(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int
 
 def score_split(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int = 512,
                 precision: Precision | None = None, progress: bool = False,
-                desc: str = "scoring", dist=None):
+                desc: str = "scoring", dist=None, share_prefix: bool = True):
     """score() with the rows dealt across torchrun's ranks (engine.distributed.Dist) and
     gathered back in order on every rank; without a process group it is score()."""
     if dist is None or not dist.enabled:
-        return score(model, tok, records, batch_size, cutoff_len, precision, progress, desc)
+        return score(model, tok, records, batch_size, cutoff_len, precision, progress, desc,
+                     share_prefix)
     part = score(model, tok, dist.shard(records), batch_size, cutoff_len, precision,
-                 progress and dist.is_main, desc)
+                 progress and dist.is_main, desc, share_prefix)
     parts = dist.gather(part)
     stats = CutoffStats(**{f.name: sum(getattr(p[2], f.name) for p in parts)
                            for f in fields(CutoffStats)})

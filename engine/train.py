@@ -84,7 +84,8 @@ def validate(model, tok, cfg: TrainConfig, val_records, val_examples, policy,
     if cfg.stage == "rt":
         probs, labels, _, _ = score_split(model, tok, val_records, cfg.eval_batch_size,
                                           cfg.cutoff_len, policy, dist=dist,
-                                          progress=progress, desc="validation")
+                                          progress=progress, desc="validation",
+                                          share_prefix=cfg.share_prefix)
         m = metrics(probs, labels)
         m["metric"] = m["auc"] if m["auc"] is not None else float("nan")
         return m
@@ -97,7 +98,8 @@ def validate(model, tok, cfg: TrainConfig, val_records, val_examples, policy,
         for i in range(0, len(val_examples), cfg.eval_batch_size):
             b = collate_train(val_examples[i:i + cfg.eval_batch_size], pad_value(tok))
             loss, n = causal_lm_loss(model, b["input_ids"].to(device),
-                                     b["attention_mask"].to(device), b["labels"].to(device))
+                                     b["attention_mask"].to(device), b["labels"].to(device),
+                                     share_prefix=cfg.share_prefix)
             total, count = total + float(loss) * n, count + n
     model.train()
     if dist is not None and dist.enabled:
@@ -280,7 +282,8 @@ def train_step(model, opt, scaler, batch, tok, cfg: TrainConfig, device, policy,
         ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
         with dist.sync(i, len(pieces)) if ddp else nullcontext():
             with policy.autocast(device):
-                loss, n = causal_lm_loss(loss_model, ids, mask, b["labels"].to(device))
+                loss, n = causal_lm_loss(loss_model, ids, mask, b["labels"].to(device),
+                                         share_prefix=cfg.share_prefix)
             if not torch.isfinite(loss) and not scaler.is_enabled():
                 raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step "
                                     f"{step + 1}; the adapter was not updated and no "

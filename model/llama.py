@@ -230,20 +230,39 @@ class Llama(nn.Module):
             sin = sin.to(torch.get_autocast_dtype(x.device.type))
         k = self.checkpoint_every
         for i, layer in enumerate(self.layers):
-            recompute = k and torch.is_grad_enabled() and i % k == 0
-            if prefix is not None or keep is not None:  # scoring: no checkpointing
-                past = (prefix.keys[i], prefix.values[i]) if prefix is not None else None
-                x = layer(x, cos, sin, mask, past, keep)
-            elif recompute and self.checkpoint_offload:
-                # cos, sin and mask by keyword: checkpoint saves only positional tensors, so
-                # only x moves; those three are shared by every block and stay where they are.
+            past = (prefix.keys[i], prefix.values[i]) if prefix is not None else None
+            # A pass that keeps its keys/values (a shared prefix, batch 1) is not checkpointed:
+            # a recompute would append to `keep` again, and batch 1 stores little.
+            recompute = k and torch.is_grad_enabled() and i % k == 0 and keep is None
+            if recompute and self.checkpoint_offload:
+                # cos, sin, mask and past by keyword: checkpoint saves only positional tensors,
+                # so only x moves; the rest are shared by every block and stay where they are.
                 with offload_to_host():
-                    x = checkpoint(layer, x, cos=cos, sin=sin, mask=mask, use_reentrant=False)
+                    x = checkpoint(layer, x, cos=cos, sin=sin, mask=mask, past=past,
+                                   use_reentrant=False)
             elif recompute:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, past, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, past, keep)
         return self.norm(x)
+
+    def hidden_states_shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                             prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden_states` for rows whose first `prefix_len` tokens are the same, with grad
+        (training): the prefix runs once, batch 1, and every row's own tokens (right-padded)
+        attend to its keys/values; in backward the rows' gradients on those keys/values add up
+        (the expand's backward) and flow through the one prefix pass. LoRA dropout draws one
+        mask for the prefix, shared by the rows (each row drawing its own would be the same
+        in expectation). -> (h_prefix (1, P, dim), h_rows (B, T - P, dim))."""
+        P = prefix_len
+        if not 0 < P < input_ids.shape[1]:
+            raise ValueError(f"prefix_len must be in [1, {input_ids.shape[1] - 1}], got {P}")
+        kept: list = []
+        h_prefix = self.hidden_states(input_ids[:1, :P], keep=kept)
+        rows_mask = attention_mask[:, P:] if attention_mask is not None else None
+        h_rows = self.hidden_states(input_ids[:, P:], rows_mask,
+                                    prefix=PrefixKV([k for k, _ in kept], [v for _, v in kept]))
+        return h_prefix, h_rows
 
     @torch.no_grad()
     def encode_prefix(self, input_ids: torch.Tensor) -> PrefixKV:

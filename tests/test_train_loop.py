@@ -279,3 +279,29 @@ def test_checkpoint_offload_reaches_the_model_and_changes_no_bit(tmp_path, data_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="--checkpoint-offload .* --checkpointing full"):
         tiny_cfg(tmp_path, data_root, checkpoint_offload=True)
+
+
+# --- a shared prefix run once --------------------------------------------------------------
+
+@pytest.mark.parametrize("train_on_inputs", [True, False])
+def test_shared_prefix_step_on_movie_rows_equals_the_plain_step(step_setup, tmp_path, data_root,
+                                                               monkeypatch, train_on_inputs):
+    """Real movie prompts (TALLRec's instruction in common), fp32, dropout 0: train_step with
+    --share-prefix makes the update of the plain path and of each row run alone."""
+    model, tok, _ = step_setup
+    rows = load_domain("movie", "train", data_root).records[:6]
+    examples, _ = encode_all(rows, tok, TokenizeConfig(train_on_inputs=train_on_inputs))
+    calls = []
+    real = model.hidden_states_shared
+    monkeypatch.setattr(model, "hidden_states_shared",
+                        lambda ids, mask, p: calls.append(p) or real(ids, mask, p))
+    updates = {}
+    for share in (False, True):
+        cfg = tiny_cfg(tmp_path, data_root, batch_size=6, micro_batch_size=3, grad_clip=0.0,
+                       lora_dropout=0.0, train_on_inputs=train_on_inputs, share_prefix=share)
+        updates[share] = sgd_update(model, tok, examples, cfg)
+        assert bool(calls) == share
+    assert len(calls) == 2 and min(calls) >= 40  # both micro-batches shared the instruction
+    assert_same_update(updates[True], updates[False])
+    ref = hand_gradient(model, [examples], [1.0 / n_loss_tokens(examples)])
+    assert_same_update(updates[True], ref)
