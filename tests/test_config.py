@@ -18,3 +18,22 @@ def test_rt_cpu_preset_and_overrides():
     with pytest.raises(ValueError, match="no preset 'rt-gpu' for --stage rt"):
         config_from_args(["--stage", "rt", "--preset", "gpu"])
 
+
+
+def test_share_prefix_flag_and_runs_saved_before_it(tmp_path):
+    """--share-prefix is on by default and --no-share-prefix turns it off; a run whose
+    config.json predates the field (it ran rows whole) resumes with it off, and a flag that
+    asks otherwise is refused like any changed setting."""
+    import json
+    from dataclasses import asdict
+
+    from engine.config import TrainConfig
+
+    assert config_from_args([]).share_prefix is True
+    assert config_from_args(["--no-share-prefix"]).share_prefix is False
+    old = asdict(TrainConfig(out=str(tmp_path)))
+    del old["share_prefix"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert config_from_args(["--out", str(tmp_path), "--resume"]).share_prefix is False
+    with pytest.raises(ValueError, match=r"share_prefix \(False -> True\)"):
+        config_from_args(["--out", str(tmp_path), "--resume", "--share-prefix"])
