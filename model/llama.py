@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import LlamaConfig
 from model.lora import LoRAConfig, make_linear
+from model.ops import rms_norm, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -28,11 +29,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Statistics in fp32 whatever the compute dtype: bf16 sums of squares lose digits.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)  # statistics in fp32 (model/ops.py)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -108,7 +105,7 @@ class FeedForward(nn.Module):
         self.down_proj = make_linear(cfg.hidden_dim, cfg.dim, "down", lora)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

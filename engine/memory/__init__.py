@@ -14,8 +14,8 @@ Peak = frozen base weights + LoRA params, grads, AdamW states (fp32)
 
 The activation terms are the tensors autograd actually keeps for OUR model, read off its code
 and checked against `saved_tensors_hooks` on CPU (tests/test_memory.py):
-- RMSNorm computes in fp32: pow and mul keep the fp32 input (a copy when the residual is
-  bf16) and 1/rms; `weight * x` keeps nothing because the weight is frozen.
+- RMSNorm (model/ops.py) keeps its input in the residual's dtype and 1/rms (fp32); its
+  backward rebuilds the fp32 input.
 - A frozen linear keeps no input (no dW). A LoRA linear keeps its input for dA (torch path:
   drop(x), plus the dropout noise in the compute dtype; Triton path: x and a bool mask), and
   xa = drop(x) Aᵀ (r wide; fp32 in the Triton kernel).
@@ -24,7 +24,8 @@ and checked against `saved_tensors_hooks` on CPU (tests/test_memory.py):
   efficient / CPU flash); the math path keeps the scaled q, k, v and the (T × T) probabilities.
   A padding mask is kept per layer in the compute dtype by the CPU flash and CUDA efficient
   kernels (only left-padded batches carry one: right padding needs causal attention alone).
-- SwiGLU keeps gate, silu(gate) and up; down's input only when down has LoRA.
+- SwiGLU (model/ops.py) keeps gate and up (silu(gate) is recomputed in backward); down's
+  input only when down has LoRA.
 - The first block's input (frozen embeddings) needs no grad: its first RMSNorm keeps nothing.
 - A checkpointed block keeps only its input; its activations come back in backward.
   With offloading (`Llama.checkpoint_offload`) that input waits in host memory and comes

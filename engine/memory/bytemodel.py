@@ -106,8 +106,9 @@ def block_saved(cfg: LlamaConfig, lora: LoRAConfig | None, batch: int, seq: int,
             out[name] = out.get(name, 0) + nbytes
 
     def norm(prefix, rg):
-        if rg:  # fp32 input (a copy unless already fp32) and 1/rms, (N, 1) fp32
-            add(f"{prefix}.x_fp32", N * D * 4)
+        if rg:  # model/ops.py's rms_norm: its input (the residual stream, in the weights'
+            # dtype) and 1/rms, (N, 1) fp32
+            add(f"{prefix}.x", N * D * prec.weight_bytes)
             add(f"{prefix}.rstd", N * 4)
 
     def lora_in(prefix, names, in_dim, x_rg):
@@ -162,9 +163,8 @@ def block_saved(cfg: LlamaConfig, lora: LoRAConfig | None, batch: int, seq: int,
     norm("mlp_norm", h_rg)
     lora_in("mlp", ("gate", "up"), D, h_rg)
     g_rg, u_rg = h_rg or "gate" in targets, h_rg or "up" in targets
-    add("mlp.gate", N * F * e if g_rg else 0)  # silu's input
-    add("mlp.silu", N * F * e if u_rg else 0)  # silu(g) * u keeps each factor for the other
-    add("mlp.up", N * F * e if g_rg else 0)
+    # model/ops.py's swiglu keeps gate and up (silu(gate) is recomputed in backward)
+    add("mlp.gate_up", 2 * N * F * e if g_rg or u_rg else 0)
     lora_in("mlp_down", ("down",), F, g_rg or u_rg)
     return out, h_rg or g_rg or u_rg or "down" in targets
 
