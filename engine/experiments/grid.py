@@ -39,7 +39,10 @@ TRAIN_TOK_S_CPU, EVAL_TOK_S_CPU, LOAD_S_CPU = 170.0, 460.0, 10.0
 TRAIN_DOMAINS = ("movie", "book", "both", "toy")
 EVAL_DOMAINS = ("movie", "book", "toy")
 # Keys of a TrainConfig that name where a run lives or how it logs, not what it computes.
-NOT_HASHED = ("out", "resume", "overwrite", "log_every")
+# share_prefix is how a step is computed (the same loss and gradients; with LoRA dropout the
+# rows share one mask on the prefix, the same in expectation), so runs made before it existed
+# stay valid; each run's config.json says which way it ran.
+NOT_HASHED = ("out", "resume", "overwrite", "log_every", "share_prefix")
 
 
 @dataclass
