@@ -305,3 +305,22 @@ def test_shared_prefix_step_on_movie_rows_equals_the_plain_step(step_setup, tmp_
     assert_same_update(updates[True], updates[False])
     ref = hand_gradient(model, [examples], [1.0 / n_loss_tokens(examples)])
     assert_same_update(updates[True], ref)
+
+
+def test_training_runs_rows_whole_under_lora_dropout(step_setup, tmp_path, data_root,
+                                                      monkeypatch):
+    """With LoRA dropout the rows would share one mask on the prefix (it learned worse on the
+    toy domain), so the step runs them whole; without dropout it shares."""
+    model, tok, _ = step_setup
+    rows = load_domain("movie", "train", data_root).records[:4]
+    examples, _ = encode_all(rows, tok, TokenizeConfig())
+    calls = []
+    real = model.hidden_states_shared
+    monkeypatch.setattr(model, "hidden_states_shared",
+                        lambda ids, mask, p: calls.append(p) or real(ids, mask, p))
+    for dropout, shared in ((0.05, False), (0.0, True)):
+        calls.clear()
+        cfg = tiny_cfg(tmp_path, data_root, batch_size=4, micro_batch_size=4,
+                       lora_dropout=dropout, share_prefix=True)
+        sgd_update(model, tok, examples, cfg)
+        assert bool(calls) == shared, dropout
