@@ -232,7 +232,8 @@ def train_config(grid: GridConfig, stage: str, seed: int, domain: str = "movie",
 
 # TrainConfig fields added after grids were cached: left out of the hash at their "off"
 # value, so those caches stay valid.
-HASHED_WHEN_ON = {"warmup_ratio": 0.0, "eval_every_epochs": 0, "quant": "none"}
+HASHED_WHEN_ON = {"warmup_ratio": 0.0, "eval_every_epochs": 0, "quant": "none",
+                  "checkpoint_offload": False}
 
 
 def _hashed(cfg: TrainConfig) -> dict:
