@@ -17,17 +17,11 @@ import torch.multiprocessing as mp
 from engine.config import TrainConfig
 from engine.precision import get_precision
 from engine.train import load_data, train, train_step
+from tests.test_engine import _cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32, sums over ranks in another order
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_for(out, data_root, **over) -> TrainConfig:
@@ -42,22 +36,9 @@ def cfg_for(out, data_root, **over) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def cli(cfg: TrainConfig) -> list[str]:
-    args = []
-    for k, v in cfg.to_dict().items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            args.append(flag if v else "--no-" + flag[2:])
-        elif isinstance(v, list):
-            args += [flag, *map(str, v)]
-        elif v is not None:
-            args += [flag, str(v)]
-    return args
-
-
 def torchrun(cfg: TrainConfig | list[str], script: str = "train.py",
              **env) -> subprocess.CompletedProcess:
-    args = cli(cfg) if isinstance(cfg, TrainConfig) else cfg
+    args = _cli(cfg) if isinstance(cfg, TrainConfig) else cfg
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", str(ROOT / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TALLREC_DIST_TIMEOUT": "60", **env}

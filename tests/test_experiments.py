@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.experiments import (
     CacheConflict,
@@ -28,14 +27,9 @@ from tests.references import pairwise_auc
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's matmuls are too small for two threads; on a shared 2-core machine
-    # two threads contending with another process made the grid 5x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The tiny model's matmuls are too small for two threads; on a shared 2-core machine two
+# threads contending with another process made the grid 5x slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out, data_root, **over):
