@@ -38,6 +38,22 @@ def _round(t, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) of an (M, N) output in grouped order (Triton
+    tutorial 03): GROUP_M row tiles run one after another on each column tile, so the column
+    block of the right-hand matrix they all read stays in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, mask_ptr, out_ptr,  # pointers
     M, K, R, scale,  # sizes
@@ -88,15 +104,7 @@ def _matmul_lowrank(
     ACC_FP64: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     # out (M, N) = a (M, K) @ b (K, N) + scale · [m ∘] (l (M, R) @ u (R, N)), one tile per program.
-    # Grouped program order (tutorial 03): GROUP_M row-tiles share each column of b in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)

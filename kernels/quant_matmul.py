@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import INTERPRET as _INTERPRET
-from kernels.lora_kernels import _dot, _round
+from kernels.lora_kernels import _dot, _grouped_tile, _round
 from kernels.quant_reference import GGUF_BLOCK_BYTES, NF4, QWeight, check_input
 
 FMT_IDS = {"int8": 0, "nf4": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
@@ -95,15 +95,7 @@ def _quant_mm_kernel(
 ):
     """out = a · B, B[r, p] = W[p, r] (W_ROWS_ON_P: forward, y = x Wᵀ) or W[r, p] (backward,
     dx = dy W), each (BLOCK_R, BLOCK_P) tile of B dequantized from W's storage in the loop."""
-    # Grouped program order (tutorial 03): GROUP_M row-tiles share each column block of W in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_p = tl.cdiv(P, BLOCK_P)
-    num_pid_in_group = GROUP_M * num_pid_p
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_p = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_p = _grouped_tile(M, P, BLOCK_M, BLOCK_P, GROUP_M)  # W's column blocks in L2
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
