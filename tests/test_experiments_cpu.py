@@ -57,6 +57,13 @@ def test_cpu_plan_runs_priority_and_dependencies(tmp_path):
     assert sem.spec["history"]["pool"] == 50 and sem.needs == "it-s0"
 
 
+
+def test_shots_flag_keeps_the_presets_order():
+    # --shots 16 256 on the cpu preset (order 64, 256, 16) runs 256 before 16
+    assert grid_from_preset("cpu", shots=[16, 256]).shot_order == [256, 16]
+    assert grid_from_preset("cpu", shots=[32, 16]).shot_order == [16, 32]
+    assert grid_from_preset("cpu", shots=[16], shot_order=[16]).shot_order == [16]
+
 def test_committed_cpu_small_cache_stays_valid():
     """New TrainConfig fields must not change the hashes of the committed cpu-small runs."""
     committed = ROOT / "results" / "cpu-small" / "runs"

@@ -188,6 +188,9 @@ def grid_from_preset(name: str, **over) -> GridConfig:
     values = {**PRESETS[name], **{k: v for k, v in over.items() if v is not None}}
     for stage in ("it", "rt"):  # overrides merge into the preset's, not replace them
         values[stage] = {**PRESETS[name].get(stage, {}), **over.get(stage, {})}
+    if over.get("shots") and not over.get("shot_order"):  # --shots keeps the preset's order
+        order = [k for k in values.get("shot_order", []) if k in over["shots"]]
+        values["shot_order"] = order + sorted(set(over["shots"]) - set(order))
     return GridConfig(**values)
 
 

@@ -142,7 +142,9 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
     est = Estimator(grid)
     est.check_pools()  # shots larger than a training pool: an error before any work
     status = check_cache(grid, runs)
-    est.measure_from_cache([run_dir(grid, r) for r in runs])
+    # rates from every finished run of this out folder, not only the planned ones: a subset
+    # (--shots 16) is timed by the runs the full grid finished before it
+    est.measure_from_cache(sorted((Path(grid.out) / "runs").glob("*/")))
     seconds = {r.name: est.seconds(r) for r in runs}
     todo = [r for r in runs if status[r.name] != "done"]
     print(est.plan_table(runs, status, seconds))
