@@ -81,3 +81,15 @@ def test_no_private_names_across_packages(package):
     bad = [f"{where} imports {module}.{name}" for where, top, module, names in _arrows(package)
            if top in OURS and top != package for name in names if name.startswith("_")]
     assert not bad, "private names used across packages:\n" + "\n".join(bad)
+
+
+TEST_ONLY = {"pytest", "transformers", "peft", "gguf", "datasets"}  # requirements-test.txt
+
+
+@pytest.mark.parametrize("package", ["model", "kernels", "engine", "data", *CLIS, *LEAVES])
+def test_product_never_imports_test_only_packages(package):
+    # what requirements.txt leaves out; bench/ and baselines/ compare with them, the product not
+    files = [ROOT / f"{package}.py"] if package in CLIS else _files(package)
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {module}" for path in files
+           for line, module, _ in _imports(path) if module.split(".")[0] in TEST_ONLY]
+    assert not bad, "the product imports a test-only package:\n" + "\n".join(bad)

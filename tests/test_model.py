@@ -1,9 +1,12 @@
 """Our LLaMA against transformers' LlamaForCausalLM on the same weights, in every format."""
 
+import numpy as np
 import pytest
 import torch
 
 from model import CheckpointError, LlamaConfig, load_base
+from model.checkpoint import smollm2_path
+from model.formats.gguf import GGUFFile, dequantize_tensor
 from tests.model_fixtures import hf_reference, write_gguf, write_hf, write_meta
 
 TOL = 1e-4  # max abs logit difference, relative to the logit scale
@@ -70,8 +73,10 @@ def test_gguf_matches_dequantized_reference(qtype, tmp_path):
     cfg = LlamaConfig(max_seq_len=64, **CONFIGS["gqa-untied"])
     hf = hf_reference(cfg)
     path = write_gguf(hf, cfg, tmp_path / "m.gguf", qtype=qtype)
-    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    ref = gguf.GGUFReader(str(path))
+    kinds = {t.name: t.tensor_type.name for t in ref.tensors}
     assert kinds["blk.0.attn_q.weight"] == qtype  # the file really holds that type
+    _assert_reader_matches_gguf(path, ref, ref.tensors)
     model, tok = load_base(path)
     assert tok is None  # this GGUF carries no tokenizer
     # The reference is transformers on the same weights after a quantize/dequantize round
@@ -91,6 +96,34 @@ def test_gguf_matches_dequantized_reference(qtype, tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 13))
     with torch.no_grad():
         assert_logits_close(model(ids), hf(ids).logits)
+
+
+def _assert_reader_matches_gguf(path, ref, tensors):
+    """Our GGUF reader against the gguf package's: every metadata field, the tensor index, and
+    the given tensors' values (dequantized) bit for bit."""
+    import gguf
+
+    ours = GGUFFile(path)
+    assert ours.fields == {k: f.contents() for k, f in ref.fields.items()
+                           if not k.startswith("GGUF.")}  # the reader's own pseudo-fields
+    assert [(t.name, t.kind, t.dims, t.offset) for t in ours.tensors] == \
+        [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.data_offset))
+         for t in ref.tensors]
+    index = {t.name: t for t in ours.tensors}
+    for t in tensors:
+        want = torch.from_numpy(np.array(gguf.dequantize(t.data, t.tensor_type)))
+        got = dequantize_tensor(ours, index[t.name])
+        assert torch.equal(got.float(), want.float().reshape(got.shape)), t.name
+
+
+def test_gguf_reader_matches_the_gguf_package_on_smollm2():
+    import gguf
+
+    path = smollm2_path()
+    ref = gguf.GGUFReader(str(path))  # 49k vocab strings, merges, token types, bools, floats
+    kinds = {t.tensor_type.name: t for t in ref.tensors}  # one tensor of each type
+    assert set(kinds) == {"Q8_0", "Q4_1", "F32"}
+    _assert_reader_matches_gguf(path, ref, kinds.values())
 
 
 def test_stories260k_matches_transformers(data_root):
