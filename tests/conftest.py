@@ -3,6 +3,10 @@ import os
 # Triton reads this when @triton.jit runs, so it must be set before any kernel module is
 # imported: kernel tests then run on CPU tensors through the interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (the README's `-n 2`, one worker per core) each worker and the processes
+# its tests start compute on one thread: two workers fill two cores without oversubscribing.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -20,11 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(tmp_path, data_root, **over) -> TrainConfig:
+    # Loss on the answer only: the tiny model's 32k-token LM head over every prompt token was
+    # most of these runs' time (the full-prompt loss: test_loss.py, and test_cli.py's run on
+    # the default base with the product's defaults).
     base = dict(stage="rt", base="random:tiny-32k",
                 tokenizer=str(data_root / "tokenizer" / "llama" / "tokenizer.model"),
                 domain="toy", shots=48, val_size=40, lr=3e-3, batch_size=16,
-                micro_batch_size=8, epochs=3, warmup_steps=2, eval_every=3, patience=0,
-                lora_dropout=0.05, seed=7, device="cpu", precision="fp32",
+                train_on_inputs=False, micro_batch_size=8, epochs=3, warmup_steps=2,
+                eval_every=3, patience=0, lora_dropout=0.05, seed=7, device="cpu", precision="fp32",
                 out=str(tmp_path / "run"), eval_batch_size=20)
     base.update(over)
     return TrainConfig(**base)

