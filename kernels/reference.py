@@ -26,12 +26,30 @@ import torch.nn.functional as F
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+KEEP_BITS = 15  # dropout draws a uniform 15-bit integer per element
+
+
+def keep_threshold(p: float) -> int:
+    """An element is kept when its 15-bit draw is below this: probability (1 - p) rounded to a
+    multiple of 2^-15 (within 1.6e-5 of 1 - p)."""
+    return round((1.0 - p) * (1 << KEEP_BITS))
+
+
 def make_dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Bool keep-mask of x's shape, each element kept with probability 1 - p (torch RNG).
 
     One mask for every path (the Triton kernel takes it as input), not F.dropout, whose RNG
-    use differs: from the same seed the kernel and the torch paths drop the same elements."""
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    use differs: from the same seed the kernel and the torch paths drop the same elements.
+    The bits come from int64 `random_()` (63 uniform bits a word, viewed as four 16-bit draws
+    masked to 15 bits): 4x faster on a CPU than `bernoulli_`, which took 7% of a SmolLM2
+    training step."""
+    keep = keep_threshold(p)
+    if keep >= 1 << KEEP_BITS:  # p below 2^-16 keeps everything (and 2^15 is not an int16)
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    draws = words.view(torch.int16)[:n] & ((1 << KEEP_BITS) - 1)
+    return (draws < keep).view(x.shape)
 
 
 def check_inputs(x, weight, lora_a, lora_b, dropout_p, dropout_mask):

@@ -188,6 +188,12 @@ def test_dropout_mask_keeps_one_minus_p():
     mask = make_dropout_mask(torch.empty(400, 500), 0.3)
     assert mask.dtype == torch.bool and mask.shape == (400, 500)
     assert abs(mask.float().mean().item() - 0.7) < 0.01  # 200k draws: σ ≈ 1e-3
+    # each of the four draws cut from one 64-bit word keeps 0.7 (50k each: σ ≈ 2e-3); the top
+    # one has no sign bit, so unmasked draws would keep 0.85 in the other three
+    rates = mask.view(-1, 4).float().mean(0)
+    assert torch.all((rates - 0.7).abs() < 0.01), rates
+    assert make_dropout_mask(torch.empty(3, 7), 0.0).all()
+    assert not make_dropout_mask(torch.empty(3, 7), 1 - 1e-6).any()
 
 
 def _bad(**changes):

@@ -82,8 +82,9 @@ def test_tallrec_llama7b_trainable_count():
 
 def test_cpu_path_is_the_written_out_formula_with_the_kernels_mask():
     """y = x Wᵀ + s · ((x ⊙ m / (1 - p)) Aᵀ) Bᵀ, m a bool keep-mask drawn as the kernels'
-    contract says (`bernoulli_(1 - p)` on torch's RNG): the layer's CPU path and the
-    kernels' torch reference, against the formula written out here."""
+    contract says (a uniform 15-bit draw per element, cut from int64 `random_()` words on
+    torch's RNG, kept below (1 - p)·2^15): the layer's CPU path and the kernels' torch
+    reference, against the formula written out here."""
     from kernels.lora import lora_linear_reference
 
     x = torch.randn(3, 5, 24)
@@ -95,7 +96,9 @@ def test_cpu_path_is_the_written_out_formula_with_the_kernels_mask():
     for p in (0.0, 0.3):
         layer.dropout = p
         torch.manual_seed(7)
-        keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p) if p else True
+        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
+        draws = words.view(torch.int16)[:x.numel()].int() & 0x7FFF
+        keep = (draws < round((1 - p) * 32768)).view(x.shape) if p else True
         expected = x @ w.T + s * (((x * keep / (1 - p)) @ a.T) @ b.T)
         for path in ("layer", "model.lora", "kernels.lora"):
             torch.manual_seed(7)
