@@ -101,7 +101,7 @@ def causal_lm_loss(model, input_ids, attention_mask=None, labels=None, chunk_siz
         raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} "
                          f"differ in shape")
     B = input_ids.shape[0]
-    P = shared_prefix_len(input_ids, attention_mask, labels) \
+    P = batch_prefix_len(input_ids, attention_mask, labels) \
         if share_prefix and hasattr(model, "hidden_states_shared") else 0
     weight = model.lm_head.weight
     if P:
@@ -131,7 +131,7 @@ def shifted_loss_sum(h, labels, weight, chunk_size: int):
     return linear_cross_entropy(h_sel, weight, targets[keep], chunk_size), keep.numel()
 
 
-def shared_prefix_len(input_ids, attention_mask, labels) -> int:
+def batch_prefix_len(input_ids, attention_mask, labels) -> int:
     """How many leading tokens every row shares, with the same labels and no padding, leaving
     each row at least one token of its own; 0 when that is under MIN_SHARED_PREFIX, for a
     single row, or for rows that are not right-padded (the shared pass needs them so)."""

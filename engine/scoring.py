@@ -22,7 +22,7 @@ from engine.precision import Precision
 MIN_SHARED_PREFIX = 16  # tokens; below this, encoding the prefix once saves too little
 
 
-def shared_prefix_len(rows: list[list[int]]) -> int:
+def common_prefix_len(rows: list[list[int]]) -> int:
     """Length of the token prefix every row starts with, leaving each row at least one token
     of its own (the answer position must be computed in the batch)."""
     if not rows:
@@ -54,7 +54,7 @@ def score(model, tok, records: list[dict], batch_size: int = 16, cutoff_len: int
     was_training = model.training
     model.eval()
     amp = precision.autocast(device) if precision is not None else nullcontext()
-    P = shared_prefix_len([e.input_ids for e in examples]) if share_prefix else 0
+    P = common_prefix_len([e.input_ids for e in examples]) if share_prefix else 0
     if not hasattr(model, "encode_prefix") or P < MIN_SHARED_PREFIX:
         P = 0
     n_tokens = 0

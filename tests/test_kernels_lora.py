@@ -23,10 +23,7 @@ from kernels.lora import (
     make_dropout_mask,
     use_triton,
 )
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICES = ["cpu"] if INTERPRET else (["cuda"] if torch.cuda.is_available() else [])
-needs_kernels = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+from tests.kernel_devices import DEVICES, INTERPRET, needs_kernels
 
 # Relative to the magnitude of the expected tensor. bf16's ulp is 2^-7 ≈ 7.8e-3 at the top of a
 # binade, so 1e-2 is just over one ulp; the kernels measure ~4e-3 (bf16), ~6e-4 (fp16), ~3e-7.

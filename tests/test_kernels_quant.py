@@ -21,10 +21,8 @@ from kernels.quant_reference import (
     quantize_int8,
     quantize_nf4,
 )
+from tests.kernel_devices import DEVICES, needs_kernels
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICES = ["cpu"] if INTERPRET else (["cuda"] if torch.cuda.is_available() else [])
-needs_kernels = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
 FORMATS = ("int8", "nf4", "nf4-dq", "q8_0", "q4_0", "q4_1")
 # Relative to max |expected|; the kernel measured ~2e-7 (fp32), ~4e-4 (fp16), ~3e-3 (bf16).
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

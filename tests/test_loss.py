@@ -164,7 +164,7 @@ def test_shared_prefix_falls_back_below_the_minimum_or_on_other_labels(model, mo
     """Rows sharing fewer than MIN_SHARED_PREFIX tokens, or whose labels differ early (the
     prefix must carry the same labels in every row), a single row, or left padding: the
     plain path, with the same result."""
-    from engine.loss import shared_prefix_len
+    from engine.loss import batch_prefix_len
     from engine.scoring import MIN_SHARED_PREFIX
 
     spy = Spy(model, monkeypatch)
@@ -175,15 +175,15 @@ def test_shared_prefix_falls_back_below_the_minimum_or_on_other_labels(model, mo
     left = (ids.flip(1), mask.flip(1), labels.flip(1))
     cases = [short, (ids, mask, other), (ids[:1], mask[:1], labels[:1]), left]
     for b_ids, b_mask, b_labels in cases:
-        assert shared_prefix_len(b_ids, b_mask, b_labels) == 0
+        assert batch_prefix_len(b_ids, b_mask, b_labels) == 0
         loss, n = causal_lm_loss(model, b_ids, b_mask, b_labels, share_prefix=True)
         torch.testing.assert_close(loss, reference(model, b_ids, b_mask, b_labels),
                                    rtol=1e-5, atol=1e-6)
     assert spy.calls == []
     # the boundary: exactly the minimum is shared, and each row keeps a token of its own
-    assert shared_prefix_len(*prefix_batch(P=MIN_SHARED_PREFIX)) == MIN_SHARED_PREFIX
+    assert batch_prefix_len(*prefix_batch(P=MIN_SHARED_PREFIX)) == MIN_SHARED_PREFIX
     same = ids[:1].expand(3, -1)
-    assert shared_prefix_len(same, mask[:1].expand(3, -1), labels[:1].expand(3, -1)) == \
+    assert batch_prefix_len(same, mask[:1].expand(3, -1), labels[:1].expand(3, -1)) == \
         int(mask[0].sum()) - 1
 
 

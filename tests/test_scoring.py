@@ -9,7 +9,7 @@ import torch
 
 from data.collate import TokenizeConfig, encode_all
 from data.fewshot import load_domain
-from engine.scoring import metrics, score, shared_prefix_len
+from engine.scoring import common_prefix_len, metrics, score
 from model import load_base
 from tests.references import pairwise_auc
 
@@ -142,8 +142,8 @@ def test_batched_scores_equal_each_prompt_alone_in_transformers(tmp_path, data_r
     ([[1, 2, 3]], 2),
     ([], 0),
 ])
-def test_shared_prefix_len_by_hand(rows, expected):
-    assert shared_prefix_len(rows) == expected
+def test_common_prefix_len_by_hand(rows, expected):
+    assert common_prefix_len(rows) == expected
 
 
 def test_shared_prefix_keys_values_give_the_full_forward():
