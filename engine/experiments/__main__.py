@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.experiments.summary import write_summary
 
     args = build_parser().parse_args(argv)
+    # A grid runs for hours with its output sent to a log file: each line reaches the log as
+    # it is printed, not a buffer's worth later.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     try:
         # every flag named after a GridConfig field overrides the preset's value; the
         # --baseline-results files are added to the preset's, not put in their place
