@@ -59,11 +59,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h[s:s + chunk_size], weight)  # (c, V), compute dtype
             lp_dtype = logits.dtype
             logits = logits.float()  # a copy unless already fp32
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            # logsumexp with one exp pass, kept for the softmax: e = exp(x − max), in place
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            total = e.sum(dim=-1)
+            loss += (top.squeeze(1) + total.log() - target_logit).sum()
             if need_grad:
-                # softmax − onehot, in place on the fp32 logits to keep one (c, V) buffer.
-                p = logits.sub_(lse[:, None]).exp_()
+                # softmax − onehot, in place on the same fp32 buffer
+                p = e.div_(total[:, None])
                 p[torch.arange(t.shape[0], device=p.device), t] -= 1.0
                 grad_h[s:s + chunk_size] = (p.to(lp_dtype) @ weight.to(lp_dtype)).to(h.dtype)
         if need_grad:
