@@ -16,10 +16,6 @@ from model.config import ConfigError, LlamaConfig
 from model.formats import CheckpointError, permute_rotary
 from model.quant import is_quantizable
 
-# Each type here is tested against a file the gguf package itself writes; it cannot write
-# K-quants (Q4_K, Q6_K: quantize raises NotImplementedError), so those stay unsupported.
-SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-
 LAYER_MAP = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -62,9 +58,13 @@ GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8:
               16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
               21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
               27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16"}
-# (elements per block, bytes per block) of the types we read
+# (elements per block, bytes per block) of the types we read. Each is tested against a file
+# the gguf package itself writes; it cannot write K-quants (Q4_K, Q6_K: quantize raises
+# NotImplementedError), so those stay unsupported.
 LAYOUT = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18),
           "Q4_1": (32, 20)}
+SUPPORTED = tuple(LAYOUT)
+DENSE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class GGUFTensor(NamedTuple):
@@ -160,20 +160,15 @@ class GGUFFile:
         return a.reshape(math.prod(t.shape[:-1]), -1)
 
 
-def _reader(path: Path) -> GGUFFile:
-    return GGUFFile(path)
-
-
-def read_gguf_metadata(path: str | Path, reader: GGUFFile | None = None) -> dict:
-    return (reader or _reader(Path(path))).fields
+def read_gguf_metadata(path: str | Path) -> dict:
+    return GGUFFile(Path(path)).fields
 
 
 def dequantize_tensor(f: GGUFFile, t: GGUFTensor) -> torch.Tensor:
     """A tensor's values in torch order: F32/F16/BF16 as stored, block types in fp32."""
     raw = torch.from_numpy(f.raw(t))
-    if t.kind in ("F32", "F16", "BF16"):
-        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.kind]
-        return raw.view(dtype).reshape(t.shape)
+    if t.kind in DENSE:
+        return raw.view(DENSE[t.kind]).reshape(t.shape)
     n, k = math.prod(t.shape[:-1]), t.shape[-1]
     return dequantize(QWeight(t.kind.lower(), n, k, raw)).reshape(t.shape)
 
@@ -204,7 +199,7 @@ def _raw_blocks(f: GGUFFile, t: GGUFTensor, path) -> QWeight:
 def gguf_linear_format(path: Path) -> str:
     """The block format (q8_0, q4_0, q4_1) of a GGUF file's first decoder Linear weight: what
     the memory planner counts for --quant gguf before the model is loaded."""
-    for t in _reader(path).tensors:
+    for t in GGUFFile(path).tensors:
         name = gguf_name(t.name)
         if name is not None and is_quantizable(name):
             return t.kind.lower()
@@ -214,8 +209,8 @@ def gguf_linear_format(path: Path) -> str:
 def read_gguf(path: Path, keep_blocks: bool = False):
     """-> (config, metadata fields, tensors). With keep_blocks, the decoder's Linear weights
     load as their quantized blocks (kernels.quant_reference.QWeight), not dequantized."""
-    reader = _reader(path)
-    fields = read_gguf_metadata(path, reader)
+    reader = GGUFFile(path)
+    fields = reader.fields
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: no token_embd.weight tensor; not a LLaMA GGUF")
