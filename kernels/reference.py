@@ -109,7 +109,9 @@ def lora_addmm(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0,
     """x Wᵀ by cuBLAS, then `addmm_` of s · xa Bᵀ into it in place; unchecked, autograd backward.
 
     Works under autocast: the two F.linear calls autocast, and the in-place addmm_ (which
-    autocast does not touch) gets xa and B in the dtype y came out in."""
+    autocast does not touch) gets xa and B in the dtype y came out in. `weight` may also be a
+    frozen weight object with its own `linear(x)` and `shape` (model/quant.py's quantized
+    weight): the base product is then its, and everything else is this same path."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if dropout_p > 0 and dropout_mask is None:
@@ -118,7 +120,8 @@ def lora_addmm(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0,
     if dropout_mask is not None:
         # The 1/(1-p) rescale rides on addmm_'s alpha: one (M, K) multiply instead of two.
         xd, scale = (x * dropout_mask).reshape(-1, k), scale / (1.0 - dropout_p)
-    y = F.linear(x2, weight)  # (M, N); mm's backward needs W, not y, so y may be written
+    # (M, N); the backward needs W, not y, so y may be written
+    y = weight.linear(x2) if hasattr(weight, "linear") else F.linear(x2, weight)
     xa = F.linear(xd, lora_a.to(x.dtype))  # (M, r)
     y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t(), alpha=scale)
     return y.reshape(*x.shape[:-1], n)

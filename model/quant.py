@@ -24,7 +24,6 @@ import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kernels.quant_reference import (
     QWeight,
@@ -35,6 +34,7 @@ from kernels.quant_reference import (
     quantize_nf4,
     storage_bytes,
 )
+from kernels.reference import lora_addmm
 
 QUANT_MODES = ("none", "int8", "nf4", "nf4-dq", "gguf")
 KERNEL_MODES = ("auto", "force", "off")
@@ -151,17 +151,10 @@ class QuantLinear(nn.Module):
 
 
 def lora_forward(layer, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """A LoRALinear over a quantized base: x Wᵀ through `QuantizedWeight.linear`, plus the
-    adapter term s · (drop(x) Aᵀ) Bᵀ in torch (rank r: cheap), with the same dropout mask
-    draw as the dense path."""
-    from model.lora import make_dropout_mask
-
-    y = layer.weight.linear(x)
-    a, b = layer.lora_a.to(y.dtype), layer.lora_b.to(y.dtype)
-    xd = x.to(y.dtype)
-    if dropout_p > 0:
-        xd = xd * make_dropout_mask(xd, dropout_p) * (1.0 / (1.0 - dropout_p))
-    return y + layer.scale * F.linear(F.linear(xd, a), b)
+    """A LoRALinear over a quantized base: the dense layer's torch path (`lora_addmm`: the
+    adapter term added in place into the base output, the same dropout mask draw) with x Wᵀ
+    from `QuantizedWeight.linear`, which dequantizes W itself."""
+    return lora_addmm(x, layer.weight, layer.lora_a, layer.lora_b, layer.scale, dropout_p)
 
 
 def install(model: nn.Module, name: str, qw: QWeight, kernel: str = "auto"):
