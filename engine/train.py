@@ -223,7 +223,9 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool, dist: Dist | None = No
     model.train()
     bar = tqdm(total=total_steps_run, initial=state.step, desc=f"{cfg.stage} training",
                unit="step", disable=not progress)
-    t0, tokens0 = time.time(), state.train_tokens
+    # Training throughput: tokens over the time spent in training steps only (validation and
+    # checkpoint saving excluded), what the grid's ETA divides training tokens by.
+    step_seconds, tokens0 = 0.0, state.train_tokens
     done = state.stopped_early or state.step >= total_steps_run
     while not done:
         batches = step_batches(len(examples), cfg, state.epoch, lengths)
@@ -231,12 +233,14 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool, dist: Dist | None = No
             lr = get_lr(state.step, total_steps, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
+            t_step = time.perf_counter()
             loss, n_tok = train_step(model, opt, scaler, [examples[i] for i in idx], tok, cfg,
                                      device, policy, state.step, dist)
+            step_seconds += time.perf_counter() - t_step
             state.step += 1
             state.step_in_epoch += 1
             state.train_tokens += n_tok
-            tok_s = (state.train_tokens - tokens0) / max(time.time() - t0, 1e-9)
+            tok_s = (state.train_tokens - tokens0) / max(step_seconds, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             if state.step % cfg.log_every == 0:
