@@ -274,6 +274,31 @@ def test_plan_prints_runs_and_eta(data_root, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_expected_eta_scales_rec_tuning_by_the_finished_runs_early_stop(data_root, tmp_path):
+    from engine.experiments.eta import Estimator
+
+    grid = tiny(tmp_path, data_root, shots=[16], seeds=[0])
+    runs = {r.name: r for r in plan_runs(grid)}
+    rt, it, ev = runs["rt-toy-k16-s0"], runs["it-s0"], runs["eval-rt-toy-k16-s0-on-toy"]
+    assert rt.cfg.batch_size == 8 and rt.cfg.epochs == 1  # 16 shots: 2 planned steps
+    folder = tmp_path / "runs" / rt.name
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(json.dumps({"name": rt.name, "spec": rt.spec}))
+    (folder / "result.json").write_text(json.dumps({"status": "ok", "kind": "train",
+                                                    "steps": 1, "train_tokens_per_s": 50.0}))
+    est = Estimator(grid)
+    est.measure_from_cache([folder, tmp_path / "runs" / "absent"])
+    assert est.rt_share == [0.5] and est.train_rate == 50.0
+    load = grid.load_seconds
+    assert est.seconds(rt, 0.5) == pytest.approx((est.seconds(rt) - load) * 0.5 + load)
+    for other in (it, ev):  # stage 1 and tests run whole
+        assert est.seconds(other, 0.5) == est.seconds(other)
+    status = {name: "todo" for name in runs}
+    table = est.plan_table(list(runs.values()), status, {n: est.seconds(r)
+                                                         for n, r in runs.items()})
+    assert "if rec-tuning runs stop early as the 1 finished ones did (median 50%" in table
+
+
 def test_plots_written(grid_out):
     out, _ = grid_out
     import matplotlib.image

@@ -44,6 +44,7 @@ class Estimator:
         self.tok = plan_tokenizer(grid)
         self.train_rate, self.eval_rate = grid.train_tokens_per_s, grid.eval_tokens_per_s
         self.source = "configured"
+        self.rt_share: list[float] = []  # finished rec-tuning runs: steps run / steps planned
         self._len: dict = {}
         self._pools: dict = {}
 
@@ -91,6 +92,15 @@ class Estimator:
             r = json.loads(path.read_text())
             if r.get("status") == "ok" and r.get("train_tokens_per_s"):
                 train.append(r["train_tokens_per_s"])
+            spec = (json.loads((f / "spec.json").read_text()).get("spec", {})
+                    if (f / "spec.json").is_file() else {})
+            cfg = spec.get("config", {})
+            if r.get("status") == "ok" and r.get("steps") and cfg.get("stage") == "rt":
+                n = cfg["shots"] * (2 if cfg["domain"] == "both" else 1)
+                planned = math.ceil(n / min(cfg["batch_size"], n)) * cfg["epochs"]
+                if cfg.get("max_steps", -1) > 0:
+                    planned = min(planned, cfg["max_steps"])
+                self.rt_share.append(min(1.0, r["steps"] / planned))
             if r.get("status") == "ok" and r.get("kind") == "eval" and r.get("tokens_per_s"):
                 evals.append(r["tokens_per_s"])
         if train:
@@ -128,9 +138,14 @@ class Estimator:
         validations = math.ceil(steps / cfg.resolved_eval_every(per_epoch)) if n_val else 0
         return samples * per_row, validations * n_val * per_row
 
-    def seconds(self, run: Run) -> float:
+    def seconds(self, run: Run, share: float = 1.0) -> float:
+        """Upper bound (every planned step); `share` scales a rec-tuning run's steps and
+        validations, as early stopping does."""
         trained, scored = self.tokens(run)
-        return trained / self.train_rate + scored / self.eval_rate + self.grid.load_seconds
+        if run.kind != "train" or run.cfg.stage != "rt":
+            share = 1.0
+        return (trained / self.train_rate + scored / self.eval_rate) * share \
+            + self.grid.load_seconds
 
     def plan_table(self, runs: list[Run], status: dict, seconds: dict) -> str:
         # cum.: time until this run is done, counting the runs still to run before it (the
@@ -148,6 +163,12 @@ class Estimator:
         lines.append(f"{len(runs)} runs, {len(runs) - len(todo)} cached, {len(todo)} to run; "
                      f"ETA {fmt_s(eta)} at {self.train_rate:.0f} train / {self.eval_rate:.0f} "
                      f"scoring tokens/s ({self.source}); early stopping can only shorten it")
+        if self.rt_share:
+            share = float(np.median(self.rt_share))
+            expected = sum(self.seconds(r, share) for r in todo)
+            lines.append(f"expected ETA {fmt_s(expected)} if rec-tuning runs stop early as the "
+                         f"{len(self.rt_share)} finished ones did (median "
+                         f"{100 * share:.0f}% of their planned steps)")
         if self.tok is None:
             lines.append("(token counts estimated from characters: no tokenizer for this base)")
         return "\n".join(lines)
