@@ -299,6 +299,16 @@ def test_expected_eta_scales_rec_tuning_by_the_finished_runs_early_stop(data_roo
     assert "if rec-tuning runs stop early as the 1 finished ones did (median 50%" in table
 
 
+def test_summary_title_names_settings_given_over_the_preset(data_root, tmp_path):
+    args = ["--preset", "tiny", "--out", str(tmp_path), "--data-root", str(data_root),
+            "--summary-only"]
+    assert cli_main(args + ["--rt", "train_on_inputs=false", "lr=0.01"]) == 0
+    title = (tmp_path / "summary.md").read_text().splitlines()[0]
+    assert title.startswith("# tiny (random:tiny-32k); rt train_on_inputs=false lr=0.01")
+    assert cli_main(args) == 0
+    assert (tmp_path / "summary.md").read_text().startswith("# tiny (random:tiny-32k): ")
+
+
 def test_plots_written(grid_out):
     out, _ = grid_out
     import matplotlib.image

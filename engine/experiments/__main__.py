@@ -123,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"with `python -m baselines`); Table 2 goes without them")
             baseline_files.remove(f)
 
+        # settings given over the presets are part of what the tables show
+        given_over = [f"{stage} {' '.join(getattr(args, stage))}" for stage in ("it", "rt")
+                      if getattr(args, stage)]
+        title = f"{args.preset} ({grid.base})" + "".join(f"; {g}" for g in given_over)
+
         def summarize():
-            return write_summary(grid.out, planned, title=f"{args.preset} ({grid.base})",
-                                 baseline_files=baseline_files)
+            return write_summary(grid.out, planned, title=title, baseline_files=baseline_files)
 
         if not args.summary_only:
             if args.workers < 1 or (args.threads is not None and args.threads < 1):
