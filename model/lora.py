@@ -100,11 +100,9 @@ class LoRALinear(nn.Module):
                 raise LoRAError("training through a merged LoRA layer; call unmerge_lora first")
             return F.linear(x, self.weight)
         p = self.dropout if self.training else 0.0
-        if self.quantized:
-            from model.quant import lora_forward  # the base matmul dequantizes W itself
-
-            return lora_forward(self, x, p)
-        if self.use_fused(x):
+        # A quantized W (model/quant.py) skips the fused kernel, which takes a dense W, and
+        # gives lora_addmm its own base product (dequantizing W itself).
+        if not self.quantized and self.use_fused(x):
             # Imported here: Triton is only needed where the kernel runs.
             from kernels.lora import lora_linear
 

@@ -34,7 +34,6 @@ from kernels.quant_reference import (
     quantize_nf4,
     storage_bytes,
 )
-from kernels.reference import lora_addmm
 
 QUANT_MODES = ("none", "int8", "nf4", "nf4-dq", "gguf")
 KERNEL_MODES = ("auto", "force", "off")
@@ -148,13 +147,6 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         return self.weight.linear(x)
-
-
-def lora_forward(layer, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """A LoRALinear over a quantized base: the dense layer's torch path (`lora_addmm`: the
-    adapter term added in place into the base output, the same dropout mask draw) with x Wᵀ
-    from `QuantizedWeight.linear`, which dequantizes W itself."""
-    return lora_addmm(x, layer.weight, layer.lora_a, layer.lora_b, layer.scale, dropout_p)
 
 
 def install(model: nn.Module, name: str, qw: QWeight, kernel: str = "auto"):

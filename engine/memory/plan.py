@@ -200,7 +200,7 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
     if quant_impl not in LORA_IMPLS:
         raise PlanError(f"unknown quantized matmul path {quant_impl!r}; choose among {LORA_IMPLS}")
     if quant != "none":
-        lora_impl = "torch"  # model/quant.py's lora_forward: lora_addmm over the quantized W
+        lora_impl = "torch"  # a quantized W: LoRALinear takes lora_addmm, never the fused kernel
     p = Plan(name, cfg, lora, T, B, prec.name, k, backend, lora_impl, padded, loss_chunk, budget,
              parse_bytes(reserve) if reserve else 0, quant, quant_bytes, dequant,
              offload=bool(offload and k))
