@@ -28,11 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.experiments.grid import NOT_HASHED  # noqa: E402
+from engine.experiments.runner import read_json as read  # noqa: E402
 from fileio import atomic_write_json  # noqa: E402
 
-# config.json keys allowed to differ from the dense grid run's: where it lives, how it logs
-# and the point of the comparison
-FREE_KEYS = {"quant", "out", "resume", "overwrite", "log_every", "share_prefix"}
+# config.json keys allowed to differ from the dense grid run's: what the grid does not hash
+# (where a run lives, how it logs) and the point of the comparison
+FREE_KEYS = {"quant", *NOT_HASHED}
 
 
 def timed(cmd: list[str], log: Path) -> tuple[int, float, int]:
@@ -45,14 +47,14 @@ def timed(cmd: list[str], log: Path) -> tuple[int, float, int]:
     return rc, time.time() - t0, int(m[-1]) * 1024 if m else -1
 
 
-def read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+def protocol(args, mode: str) -> list[str]:
+    """train.py with the cpu grid's RT settings on a `mode` base."""
+    return [sys.executable, "train.py", "--stage", "rt", "--preset", "cpu", "--domain", "movie",
+            "--shots", str(args.shots), "--device", "cpu", "--precision", "bf16", "--quant", mode]
 
 
 def train_cmd(args, mode: str, seed: int, out: Path) -> list[str]:
-    cmd = [sys.executable, "train.py", "--stage", "rt", "--preset", "cpu", "--domain", "movie",
-           "--shots", str(args.shots), "--seed", str(seed), "--device", "cpu",
-           "--precision", "bf16", "--quant", mode, "--out", str(out)]
+    cmd = protocol(args, mode) + ["--seed", str(seed), "--out", str(out)]
     if (out / "last").is_dir():
         cmd.append("--resume")
     elif out.exists():
@@ -116,10 +118,9 @@ def probe(args, out: Path, mode: str) -> dict:
     if (row := read(path)) is not None:
         return row
     run = out / f"probe-{mode}"
-    cmd = [sys.executable, "train.py", "--stage", "rt", "--preset", "cpu", "--domain", "movie",
-           "--shots", str(args.shots), "--precision", "bf16", "--quant", mode, "--max-steps",
-           "2", "--eval-every", "2", "--eval-every-epochs", "0", "--val-size", "32",
-           "--out", str(run)] + (["--overwrite"] if run.exists() else [])
+    cmd = protocol(args, mode) + ["--max-steps", "2", "--eval-every", "2", "--eval-every-epochs",
+                                  "0", "--val-size", "32", "--out", str(run)] \
+        + (["--overwrite"] if run.exists() else [])
     print(f"probe-{mode}: 2 steps + 1 validation", flush=True)
     rc, secs, rss = timed(cmd, out / f"probe-{mode}.log")
     if rc != 0:
