@@ -38,6 +38,13 @@ def plan_tokenizer(grid: GridConfig):
         return load_tokenizer(grid.tokenizer)
     return base_tokenizer(grid.base, grid.data_root)
 
+def planned_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> tuple[int, int]:
+    """-> (optimizer steps a run of n rows plans, steps per epoch)."""
+    per_epoch = math.ceil(n / min(batch_size, n))
+    steps = per_epoch * epochs
+    return (min(steps, max_steps) if max_steps > 0 else steps), per_epoch
+
+
 class Estimator:
     def __init__(self, grid: GridConfig):
         self.grid = grid
@@ -97,9 +104,8 @@ class Estimator:
             cfg = spec.get("config", {})
             if r.get("status") == "ok" and r.get("steps") and cfg.get("stage") == "rt":
                 n = cfg["shots"] * (2 if cfg["domain"] == "both" else 1)
-                planned = math.ceil(n / min(cfg["batch_size"], n)) * cfg["epochs"]
-                if cfg.get("max_steps", -1) > 0:
-                    planned = min(planned, cfg["max_steps"])
+                planned, _ = planned_steps(n, cfg["batch_size"], cfg["epochs"],
+                                           cfg.get("max_steps", -1))
                 self.rt_share.append(min(1.0, r["steps"] / planned))
             if r.get("status") == "ok" and r.get("kind") == "eval" and r.get("tokens_per_s"):
                 evals.append(r["tokens_per_s"])
@@ -130,10 +136,7 @@ class Estimator:
             valid = sum(len(self.pool(p, "valid")) for p in parts)
             n_val = min(cfg.val_size, valid) if cfg.val_size > 0 else valid
         per_step = min(cfg.batch_size, n)
-        per_epoch = math.ceil(n / per_step)
-        steps = per_epoch * cfg.epochs
-        if cfg.max_steps > 0:
-            steps = min(steps, cfg.max_steps)
+        steps, per_epoch = planned_steps(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
         samples = min(steps * per_step, n * cfg.epochs)
         validations = math.ceil(steps / cfg.resolved_eval_every(per_epoch)) if n_val else 0
         return samples * per_row, validations * n_val * per_row
