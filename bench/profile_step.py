@@ -5,12 +5,16 @@
 SmolLM2-135M with LoRA r=8 on q/v (dropout 0.05), 16 movie training prompts (~230 tokens) as
 one micro-batch through `engine.train.train_step`, and 16 movie test prompts through
 `engine.scoring.score`. One warm-up of each, then one profiled run; prints the top ops by
-self CPU time as Markdown tables (what bench/RESULTS.md records before and after a change).
+self CPU time as Markdown tables (what bench/RESULTS.md records before and after a change),
+then the floor: the share of the time in GEMMs and attention (work any implementation of the
+same maths must do), the GEMMs' achieved GFLOP/s against a large bf16/fp32 GEMM on the same
+threads, and how much faster the step could get if everything else took no time.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,6 +38,40 @@ def table(prof, top: int) -> str:
         lines.append(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
                      f"{100 * e.self_cpu_time_total / total:.1f}% |")
     return "\n".join(lines)
+
+
+GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_", "aten::baddbmm"}
+
+
+def is_attention(key: str) -> bool:
+    return "scaled_dot_product" in key
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an (n, n) @ (n, n) matmul on this process's threads: the roof for the mms."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def floor(prof, peak: float) -> str:
+    """GEMM and attention shares of the self time, the GEMMs' GFLOP/s, and the speed-up bound."""
+    rows = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in rows)
+    gemm = [e for e in rows if e.key in GEMMS]
+    gemm_us = sum(e.self_cpu_time_total for e in gemm)
+    gemm_flops = sum(e.flops for e in gemm)
+    attn_us = sum(e.self_cpu_time_total for e in rows if is_attention(e.key))
+    rate = gemm_flops / gemm_us / 1e3 if gemm_us else float("nan")
+    bound = total / (gemm_us + attn_us)
+    return (f"GEMMs {100 * gemm_us / total:.1f}% of the self time at {rate:.0f} GFLOP/s "
+            f"({gemm_flops / 1e9:.0f} GFLOP; a {peak:.0f} GFLOP/s roof), attention "
+            f"{100 * attn_us / total:.1f}%, the rest {100 * (total - gemm_us - attn_us) / total:.1f}%:"
+            f" with the rest free this would run at most {bound:.2f}x faster "
+            f"({total / (gemm_us * rate / peak + attn_us):.2f}x with the GEMMs at the roof too)")
 
 
 def main(argv=None):
@@ -63,11 +101,12 @@ def main(argv=None):
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, "
           f"{sum(len(e.input_ids) for e in examples)} training tokens")
+    peak = gemm_peak(policy.weight_dtype)
     for name, fn in (("training step", step), ("scoring batch", scoring)):
         fn()  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
             fn()
-        print(f"\n### {name}\n\n{table(prof, args.top)}")
+        print(f"\n### {name}\n\n{table(prof, args.top)}\n\n{floor(prof, peak)}")
 
 
 if __name__ == "__main__":
