@@ -128,10 +128,13 @@ def test_summary_semantic_table_like_rate_and_cells_by_hand(tmp_path):
                             variants=["zero-shot", "rt"], semantic_variants=["rt"])
     planned = plan_runs(grid)  # cells: zero-shot, rt K=64, rt|sem K=64 (3 seeds each)
     for seed, (rec, sem) in enumerate([(0.60, 0.63), (0.62, 0.66), (0.64, 0.65)]):
-        _eval(tmp_path, f"r{seed}", "rt", rec, seed, 64, "movie")
+        _eval(tmp_path, f"eval-rt-movie-k64-s{seed}-on-movie", "rt", rec, seed, 64, "movie")
         if seed < 2:
-            _eval(tmp_path, f"s{seed}", "rt", sem, seed, 64, "movie", "semantic")
-    _eval(tmp_path, "z", "zero-shot", 0.55)
+            _eval(tmp_path, f"eval-rt-movie-sem-k64-s{seed}-on-movie-sem", "rt", sem, seed, 64,
+                  "movie", "semantic")
+    _eval(tmp_path, "eval-zero-shot-on-movie", "zero-shot", 0.55)
+    # a run of another command sharing the folder: in the tables, not in this plan's progress
+    _eval(tmp_path, "eval-rt-movie-k16-s0-on-movie", "rt", 0.58, 0, 16, "movie")
     bl = tmp_path / "bl.json"
     bl.write_text(json.dumps({"results": [
         {"model": m, "domain": "movie", "shots": 64, "like_rate_test_auc": 0.726,
@@ -143,9 +146,9 @@ def test_summary_semantic_table_like_rate_and_cells_by_hand(tmp_path):
     # |0.03 - 0.04| / sqrt(2) = 0.00707
     assert "| RT only | — | +0.0350 ± 0.0071 (n=2) |" in md
     assert f"| {LIKE_RATE} | 0.7260 (n=1) |" in md
-    assert "| RT, semantic history (ReLLa) | 0.6450 ± 0.0212 (n=2) |" in md
+    assert "| RT, semantic history (ReLLa) | — | 0.6450 ± 0.0212 (n=2) |" in md  # K = 16, 64
     assert ("Status: PARTIAL - 2 of 3 planned cells done (all their seeds), 1 partly; 6 of 13 "
-            "runs finished") in md
+            "runs finished (and 1 finished outside this plan).") in md
 
 
 def test_summary_is_replaced_whole(tmp_path, monkeypatch):

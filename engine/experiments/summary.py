@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +43,11 @@ SYNTHETIC_NOTE = "SYNTHETIC toy data - not a real benchmark"
 
 
 def collect(out: Path, baseline_files=()) -> tuple[list[dict], dict]:
-    """-> (one row per finished evaluation or baseline result, counts by status)."""
-    rows, counts = [], defaultdict(int)
+    """-> (one row per finished evaluation or baseline result, {run folder name: status})."""
+    rows, status = [], {}
     for path in sorted((out / "runs").glob("*/result.json")):
         r = json.loads(path.read_text())
-        counts[r["status"]] += 1
+        status[path.parent.name] = r["status"]
         if r["status"] != "ok" or r["kind"] != "eval" or r.get("auc") is None:
             continue
         m = r["meta"]
@@ -58,7 +58,7 @@ def collect(out: Path, baseline_files=()) -> tuple[list[dict], dict]:
                      "synthetic": bool(r.get("synthetic_data"))})
     for path in [*sorted((out / "baselines").glob("*.json")), *map(Path, baseline_files)]:
         rows += baseline_rows(json.loads(path.read_text()))
-    return rows, dict(counts)
+    return rows, status
 
 
 def baseline_rows(obj) -> list[dict]:
@@ -183,14 +183,21 @@ def write_summary(out: Path | str, planned: int | list | None = None, title: str
                   baseline_files=()) -> Path:
     """`planned`: the grid's runs (the status then counts table cells too) or their number."""
     out = Path(out)
-    rows, counts = collect(out, baseline_files)
+    rows, status = collect(out, baseline_files)
     agg = aggregate(rows)
     synthetic = any(r["synthetic"] for r in rows)
     n_seeds = max((g["n"] for g in agg.values()), default=0)
-    done = counts.get("ok", 0)
     n_planned = len(planned) if isinstance(planned, list) else planned
+    outside = []  # finished runs of other commands sharing the folder: not this plan's progress
+    if isinstance(planned, list):
+        names = {r.name for r in planned}
+        outside = [n for n, s in status.items() if s == "ok" and n not in names]
+        status = {n: s for n, s in status.items() if n in names}
+    counts = Counter(status.values())
+    done = counts["ok"]
     state = (f"{done} of {n_planned} runs finished" if n_planned else f"{done} runs finished") \
-        + (f", {counts['failed']} failed" if counts.get("failed") else "")
+        + (f", {counts['failed']} failed" if counts["failed"] else "") \
+        + (f" (and {len(outside)} finished outside this plan)" if outside else "")
     if isinstance(planned, list):
         cells = planned_cells(planned)
         full = sum(agg.get(k, {}).get("n", 0) >= n for k, n in cells.items())
