@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.experiments import grid_from_preset, plan_runs, run_grid, write_summary
-from engine.experiments.summary import LIKE_RATE, baseline_rows
+from engine.experiments.summary import LIKE_RATE, aggregate, baseline_rows, collect, shot_series
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,3 +166,25 @@ def test_summary_is_replaced_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_text() == before
     assert not list(path.parent.glob(".summary.md*"))  # and no temporary file is left
+
+
+def test_fig4_draws_the_baselines_beside_our_variants(tmp_path):
+    """Fig. 4 compares with the ID baselines, as TALLRec's does: each panel gets our variants,
+    then every baseline at its K and the like-rate rule as a line."""
+    _eval(tmp_path, "z", "zero-shot", 0.54)
+    for seed, auc in enumerate([0.56, 0.58]):
+        _eval(tmp_path, f"r16-{seed}", "rt", auc, seed, 16, "movie")
+    _eval(tmp_path, "r64", "rt", 0.60, 0, 64, "movie")
+    bl = tmp_path / "bl.json"
+    bl.write_text(json.dumps({"results": [
+        {"model": "caser", "domain": "movie", "shots": k, "like_rate_test_auc": 0.726,
+         "per_seed": [{"seed": 0, "test_auc": a}]} for k, a in ((16, 0.53), (64, 0.615))]}))
+    rows, _ = collect(tmp_path, [str(bl)])
+    series = shot_series(rows, aggregate(rows), "movie")
+    flat = [(m, base, [(k, round(g["mean"], 4)) for k, g in pts]) for m, base, pts in series]
+    assert flat == [("zero-shot", False, [(None, 0.54)]),
+                    ("rt", False, [(16, 0.57), (64, 0.6)]),
+                    ("caser", True, [(16, 0.53), (64, 0.615)]),
+                    (LIKE_RATE, True, [(None, 0.726)])]
+    write_summary(tmp_path, baseline_files=[str(bl)])
+    assert (tmp_path / "fig4_shots.png").stat().st_size > 0

@@ -3,7 +3,7 @@
 summary.md  Table 2's layout (rows: methods, baselines first; columns: in-domain test AUC at
             each K for movie then book), the cross-domain table (Fig. 5's numbers) and every
             cell with its seed count
-fig4_shots.png          AUC vs K (log2 axis) per variant, one panel per test domain (Fig. 4)
+fig4_shots.png          AUC vs K (log2 axis) per variant and ID baseline, one panel per test domain (Fig. 4)
 fig5_cross_domain.png   grouped bars: train domain per K, one panel per test domain (Fig. 5)
 
 std is the sample standard deviation over seeds (ddof=1), empty for a single seed. Results
@@ -254,6 +254,33 @@ def _finish(fig, path: Path, synthetic: bool, what: str):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:]))
 
 
+def shot_series(rows, agg, domain: str) -> list[tuple[str, bool, list]]:
+    """What Fig. 4's panel for `domain` draws: (method, is_baseline, points), points [(K, agg
+    cell)] or [(None, cell)] for a method without K (a horizontal line). Our variants first,
+    then the ID baselines and the like-rate rule, as in TALLRec's figure."""
+    shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
+    baselines = sorted({r["method"] for r in rows if r.get("baseline")},
+                       key=lambda m: (m == LIKE_RATE, m))
+    series = []
+    for m in [*LABELS, *baselines]:
+        if m in FIXED:
+            pts = [(None, agg[_key(m, domain, None)])] if _key(m, domain, None) in agg else []
+        else:
+            pts = [(k, agg[_key(m, domain, k)]) for k in shots if _key(m, domain, k) in agg]
+        if pts:
+            series.append((m, m in baselines, pts))
+    return series
+
+
+def _color(method: str, baselines: list[str]) -> str:
+    """One colour per method in every panel: ours C0-C6, ID baselines C7-C9, the rule black."""
+    if method == LIKE_RATE:
+        return "black"
+    if method in LABELS:
+        return f"C{list(LABELS).index(method)}"
+    return f"C{7 + baselines.index(method) % 3}"
+
+
 def plot_shots(rows, agg, path: Path, synthetic: bool):
     plt = _pyplot()
     # panels for test domains with in-domain results (zero-shot and IT count: not trained)
@@ -262,20 +289,19 @@ def plot_shots(rows, agg, path: Path, synthetic: bool):
     shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
     if not domains:
         return
-    fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4), squeeze=False)
+    baselines = sorted({r["method"] for r in rows if r.get("baseline") and r["method"] != LIKE_RATE})
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 5.5), squeeze=False)
     for ax, d in zip(axes[0], domains, strict=True):
-        for i, m in enumerate(LABELS):
-            color = f"C{i}"
-            if m in FIXED:
-                g = agg.get(_key(m, d, None))
-                if g is not None:
-                    ax.axhline(g["mean"], ls="--", color=color, label=LABELS[m])
+        for m, baseline, pts in shot_series(rows, agg, d):
+            label = LABELS.get(m, m)
+            style = dict(color=_color(m, baselines), alpha=0.6 if baseline else 1.0,
+                         lw=1.0 if baseline else 1.8)
+            if pts[0][0] is None:
+                ax.axhline(pts[0][1]["mean"], ls=":" if baseline else "--", label=label, **style)
                 continue
-            pts = [(k, agg[_key(m, d, k)]) for k in shots if _key(m, d, k) in agg]
-            if pts:
-                ax.errorbar([k for k, _ in pts], [g["mean"] for _, g in pts],
-                            yerr=[g["std"] or 0.0 for _, g in pts], marker="o", capsize=3,
-                            color=color, label=LABELS[m])
+            ax.errorbar([k for k, _ in pts], [g["mean"] for _, g in pts],
+                        yerr=[g["std"] or 0.0 for _, g in pts], capsize=3, label=label,
+                        marker="s" if baseline else "o", ls="--" if baseline else "-", **style)
         if shots:
             ax.set_xscale("log", base=2)
             ax.set_xticks(shots, [str(k) for k in shots])
@@ -283,7 +309,7 @@ def plot_shots(rows, agg, path: Path, synthetic: bool):
         ax.set_ylabel("test AUC")
         ax.set_title(f"trained and tested on {_dname(d, rows)}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     _finish(fig, path, synthetic, "AUC vs number of training samples (TALLRec Fig. 4 layout)")
     plt.close(fig)
 
