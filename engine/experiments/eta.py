@@ -38,6 +38,7 @@ def plan_tokenizer(grid: GridConfig):
         return load_tokenizer(grid.tokenizer)
     return base_tokenizer(grid.base, grid.data_root)
 
+
 def planned_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> tuple[int, int]:
     """-> (optimizer steps a run of n rows plans, steps per epoch)."""
     per_epoch = math.ceil(n / min(batch_size, n))

@@ -142,12 +142,17 @@ def _ordered(values) -> list:
     return sorted(values, key=lambda d: (DOMAIN_ORDER.index(d) if d in DOMAIN_ORDER else 9, d))
 
 
+def baseline_methods(rows: list[dict]) -> list[str]:
+    """The baseline rows' methods, by name, the like-rate rule last."""
+    return sorted({r["method"] for r in rows if r.get("baseline")},
+                  key=lambda m: (m == LIKE_RATE, m))
+
+
 def table2(rows: list[dict], agg: dict) -> str:
     """Methods x (in-domain test domain, K): TALLRec's Table 2."""
     domains = _ordered({r["eval_domain"] for r in rows})
     shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
-    baselines = sorted({r["method"] for r in rows if r.get("baseline")}, key=lambda m:
-                       (m == LIKE_RATE, m))
+    baselines = baseline_methods(rows)
     methods = baselines + [m for m in LABELS if any(r["method"] == m for r in rows)]
     cols = [(d, k) for d in domains for k in shots] or [(d, None) for d in domains]
     head = "| method | " + " | ".join(f"{_dname(d, rows)} {k}-shot" if k else _dname(d, rows)
@@ -259,8 +264,7 @@ def shot_series(rows, agg, domain: str) -> list[tuple[str, bool, list]]:
     cell)] or [(None, cell)] for a method without K (a horizontal line). Our variants first,
     then the ID baselines and the like-rate rule, as in TALLRec's figure."""
     shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
-    baselines = sorted({r["method"] for r in rows if r.get("baseline")},
-                       key=lambda m: (m == LIKE_RATE, m))
+    baselines = baseline_methods(rows)
     series = []
     for m in [*LABELS, *baselines]:
         if m in FIXED:
@@ -273,7 +277,8 @@ def shot_series(rows, agg, domain: str) -> list[tuple[str, bool, list]]:
 
 
 def _color(method: str, baselines: list[str]) -> str:
-    """One colour per method in every panel: ours C0-C6, ID baselines C7-C9, the rule black."""
+    """One colour per method in every panel: ours C0-C6, ID baselines C7-C9 (by their place in
+    `baselines`, the like-rate rule last), the rule black."""
     if method == LIKE_RATE:
         return "black"
     if method in LABELS:
@@ -289,7 +294,7 @@ def plot_shots(rows, agg, path: Path, synthetic: bool):
     shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
     if not domains:
         return
-    baselines = sorted({r["method"] for r in rows if r.get("baseline") and r["method"] != LIKE_RATE})
+    baselines = baseline_methods(rows)
     fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 5.5), squeeze=False)
     for ax, d in zip(axes[0], domains, strict=True):
         for m, baseline, pts in shot_series(rows, agg, d):
