@@ -67,9 +67,10 @@ def floor(prof, peak: float) -> str:
     attn_us = sum(e.self_cpu_time_total for e in rows if is_attention(e.key))
     rate = gemm_flops / gemm_us / 1e3 if gemm_us else float("nan")
     bound = total / (gemm_us + attn_us)
+    rest = 100 * (total - gemm_us - attn_us) / total
     return (f"GEMMs {100 * gemm_us / total:.1f}% of the self time at {rate:.0f} GFLOP/s "
             f"({gemm_flops / 1e9:.0f} GFLOP; a {peak:.0f} GFLOP/s roof), attention "
-            f"{100 * attn_us / total:.1f}%, the rest {100 * (total - gemm_us - attn_us) / total:.1f}%:"
+            f"{100 * attn_us / total:.1f}%, the rest {rest:.1f}%:"
             f" with the rest free this would run at most {bound:.2f}x faster "
             f"({total / (gemm_us * rate / peak + attn_us):.2f}x with the GEMMs at the roof too)")
 

@@ -9,7 +9,9 @@ read from --dense-results; their configs are checked to equal ours but for --qua
 
 Peak RSS is `/usr/bin/time -v`'s maximum resident set size of one process. The long runs'
 RSS is recorded, but for the comparison every mode (none included) also runs the same short
-probe alone: 2 training steps then one validation of 32 rows, `--max-steps 2`.
+probe alone: 2 training steps then one validation of 32 rows, `--max-steps 2`, under
+`bench.heap`, which splits the RSS at its peak into live heap bytes, free space inside glibc's
+heap (fragmentation) and mmapped chunks.
 
 Resumable: a finished run or test is never repeated, a stopped run continues with --resume.
 
@@ -121,11 +123,13 @@ def probe(args, out: Path, mode: str) -> dict:
     cmd = protocol(args, mode) + ["--max-steps", "2", "--eval-every", "2", "--eval-every-epochs",
                                   "0", "--val-size", "32", "--out", str(run)] \
         + (["--overwrite"] if run.exists() else [])
+    heap = out / f"probe-{mode}.heap.json"
+    cmd = [cmd[0], "-m", "bench.heap", "--json", str(heap), *cmd[1:]]
     print(f"probe-{mode}: 2 steps + 1 validation", flush=True)
     rc, secs, rss = timed(cmd, out / f"probe-{mode}.log")
     if rc != 0:
         raise SystemExit(f"probe-{mode}: train.py exited {rc}; see {out / f'probe-{mode}.log'}")
-    row = {"quant": mode, "peak_rss": rss, "seconds": round(secs, 1)}
+    row = {"quant": mode, "peak_rss": rss, "seconds": round(secs, 1), "heap": read(heap)}
     atomic_write_json(path, row)
     return row
 
@@ -159,7 +163,11 @@ def main(argv=None) -> int:
     mib = lambda b: f"{b / 2**20:,.0f} MiB" if b and b > 0 else "-"
     print("\npeak RSS, 2 steps + one 32-row validation, one process alone:")
     for p in probes:
-        print(f"  {p['quant']:<7} {mib(p['peak_rss'])}")
+        heap = p.get("heap") or {}
+        split = ", ".join(f"{k} {heap[k]:,.0f} MiB" for k in ("heap_live", "heap_free", "mmapped")
+                          if k in heap)
+        print(f"  {p['quant']:<7} {mib(p['peak_rss'])}"
+              + (f" (at the sampled peak, {heap['rss']:,.0f} MiB: {split})" if split else ""))
     print(f"\n{'quant':<7} {'seed':>4} {'test AUC':>9} {'dense':>8} {'diff':>8} {'best step':>9} "
           f"{'train RSS':>10} {'test RSS':>10} {'train tok/s':>11}")
     for r in rows:

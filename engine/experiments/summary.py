@@ -3,7 +3,8 @@
 summary.md  Table 2's layout (rows: methods, baselines first; columns: in-domain test AUC at
             each K for movie then book), the cross-domain table (Fig. 5's numbers) and every
             cell with its seed count
-fig4_shots.png          AUC vs K (log2 axis) per variant and ID baseline, one panel per test domain (Fig. 4)
+fig4_shots.png          AUC vs K (log2 axis) per variant and ID baseline, one panel per test
+                        domain (Fig. 4)
 fig5_cross_domain.png   grouped bars: train domain per K, one panel per test domain (Fig. 5)
 
 std is the sample standard deviation over seeds (ddof=1), empty for a single seed. Results
