@@ -58,11 +58,13 @@ class HeapSampler:
                        mmapped=m.hblkhd / 2**20)
         return row
 
+    def _keep(self, row: dict):
+        if row["rss"] > self.peak["rss"]:
+            self.peak = row
+
     def _run(self):
         while not self._stop.is_set():
-            row = self.sample()
-            if row["rss"] > self.peak["rss"]:
-                self.peak = row
+            self._keep(self.sample())
             self._stop.wait(self.period_s)
 
     def start(self):
@@ -71,9 +73,7 @@ class HeapSampler:
 
     def stop(self) -> dict:
         self._stop.set()
-        row = self.sample()  # the last moment counts too
-        if row["rss"] > self.peak["rss"]:
-            self.peak = row
+        self._keep(self.sample())  # the last moment counts too
         return {k: round(v, 1) for k, v in self.peak.items()}
 
 
