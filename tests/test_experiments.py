@@ -213,6 +213,14 @@ def _eval_result(folder, variant, auc, seed=None, shots=None, train_domain=None,
          "synthetic_data": False}))
 
 
+def test_all_cells_sorts_shots_as_numbers(tmp_path):
+    for shots in (256, 16, 64):
+        _eval_result(tmp_path, "rt", 0.6, 0, shots, "movie")
+    md = write_summary(tmp_path, planned=3).read_text()
+    rows = [line for line in md.split("## All cells")[1].splitlines() if line.startswith("| RT")]
+    assert [r.split(" | ")[3] for r in rows] == ["16", "64", "256"]  # not "16", "256", "64"
+
+
 def test_aggregation_by_hand(tmp_path):
     # TALLRec movie K=16 over 3 seeds, K=64 over 1 seed, book from movie, zero-shot, a
     # failed run that must not count, and a baseline file in the baselines CLI's format

@@ -226,7 +226,7 @@ def write_summary(out: Path | str, planned: int | list | None = None, title: str
                "", semantic_table(rows), ""]
     md += ["## All cells", "", "| method | trained on | tested on | K | AUC | seeds |",
            "|---|---|---|---|---|---|"]
-    for k in sorted(agg, key=lambda k: tuple(str(x) for x in k)):
+    for k in sorted(agg, key=lambda k: (*(str(x) for x in k[:3]), k[3] or 0)):  # K as a number
         md.append(f"| {LABELS.get(k[0], k[0])} | {k[1] or '-'} | {_dname(k[2], rows)} | "
                   f"{k[3] or '-'} | {cell(agg, k)} | {agg[k]['n']} |")
     if rows:
