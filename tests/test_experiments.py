@@ -307,6 +307,30 @@ def test_expected_eta_scales_rec_tuning_by_the_finished_runs_early_stop(data_roo
     assert "if rec-tuning runs stop early as the 1 finished ones did (median 50%" in table
 
 
+def test_eta_times_each_training_stage_at_its_own_measured_rate(data_root, tmp_path):
+    from engine.experiments.eta import Estimator
+
+    grid = tiny(tmp_path, data_root, shots=[16], seeds=[0, 1])
+    runs = {r.name: r for r in plan_runs(grid)}
+    finished = {"it-s0": 20.0, "rt-toy-k16-s0": 80.0, "rt-toy-k16-s1": 100.0}
+    for name, rate in finished.items():
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "spec.json").write_text(json.dumps({"name": name, "spec": runs[name].spec}))
+        (folder / "result.json").write_text(json.dumps(
+            {"status": "ok", "kind": "train", "steps": 1, "train_tokens_per_s": rate}))
+    est = Estimator(grid)
+    est.measure_from_cache(sorted((tmp_path / "runs").glob("*/")))
+    assert est.stage_rates == {"it": 20.0, "rt": 90.0} and est.train_rate == 80.0
+    load = grid.load_seconds
+    for name, rate in (("it-s1", 20.0), ("itrt-toy-k16-s1", 90.0)):
+        trained, scored = est.tokens(runs[name])
+        assert est.seconds(runs[name]) == pytest.approx(
+            trained / rate + scored / est.eval_rate + load)
+    table = est.plan_table([runs["it-s1"]], {"it-s1": "todo"}, {"it-s1": 1.0})
+    assert "at 20 it / 90 rt train /" in table
+
+
 def test_summary_title_names_settings_given_over_the_preset(data_root, tmp_path):
     args = ["--preset", "tiny", "--out", str(tmp_path), "--data-root", str(data_root),
             "--summary-only"]

@@ -51,6 +51,7 @@ class Estimator:
         self.grid = grid
         self.tok = plan_tokenizer(grid)
         self.train_rate, self.eval_rate = grid.train_tokens_per_s, grid.eval_tokens_per_s
+        self.stage_rates: dict[str, float] = {}  # stage -> median of its finished runs
         self.source = "configured"
         self.rt_share: list[float] = []  # finished rec-tuning runs: steps run / steps planned
         self._len: dict = {}
@@ -92,17 +93,21 @@ class Estimator:
         return self._len[key, cutoff]
 
     def measure_from_cache(self, folders: list[Path]):
-        train, evals = [], []
+        """Rates from the finished runs: one per training stage (IT, at its own cutoff and with
+        no prefix shared between rows, trains fewer tokens/s than RT), the median of all for a
+        stage with none finished yet."""
+        train, evals, by_stage = [], [], {}
         for f in folders:
             path = f / "result.json"
             if not path.is_file():
                 continue
             r = json.loads(path.read_text())
-            if r.get("status") == "ok" and r.get("train_tokens_per_s"):
-                train.append(r["train_tokens_per_s"])
             spec = (json.loads((f / "spec.json").read_text()).get("spec", {})
                     if (f / "spec.json").is_file() else {})
             cfg = spec.get("config", {})
+            if r.get("status") == "ok" and r.get("train_tokens_per_s"):
+                train.append(r["train_tokens_per_s"])
+                by_stage.setdefault(cfg.get("stage"), []).append(r["train_tokens_per_s"])
             if r.get("status") == "ok" and r.get("steps") and cfg.get("stage") == "rt":
                 n = cfg["shots"] * (2 if cfg["domain"] == "both" else 1)
                 planned, _ = planned_steps(n, cfg["batch_size"], cfg["epochs"],
@@ -112,6 +117,7 @@ class Estimator:
                 evals.append(r["tokens_per_s"])
         if train:
             self.train_rate = float(np.median(train))
+            self.stage_rates = {k: float(np.median(v)) for k, v in by_stage.items() if k}
         if evals:
             self.eval_rate = float(np.median(evals))
         if train or evals:
@@ -148,8 +154,9 @@ class Estimator:
         trained, scored = self.tokens(run)
         if run.kind != "train" or run.cfg.stage != "rt":
             share = 1.0
-        return (trained / self.train_rate + scored / self.eval_rate) * share \
-            + self.grid.load_seconds
+        rate = self.stage_rates.get(run.cfg.stage, self.train_rate) if run.kind == "train" \
+            else self.train_rate
+        return (trained / rate + scored / self.eval_rate) * share + self.grid.load_seconds
 
     def plan_table(self, runs: list[Run], status: dict, seconds: dict) -> str:
         # cum.: time until this run is done, counting the runs still to run before it (the
@@ -164,8 +171,10 @@ class Estimator:
                          f"{fmt_s(seconds[r.name]):>8} {fmt_s(cum):>8}")
         todo = [r for r in runs if status[r.name] != "done"]
         eta = sum(seconds[r.name] for r in todo)
+        train = " / ".join(f"{v:.0f} {k}" for k, v in sorted(self.stage_rates.items())) \
+            if self.stage_rates else f"{self.train_rate:.0f}"
         lines.append(f"{len(runs)} runs, {len(runs) - len(todo)} cached, {len(todo)} to run; "
-                     f"ETA {fmt_s(eta)} at {self.train_rate:.0f} train / {self.eval_rate:.0f} "
+                     f"ETA {fmt_s(eta)} at {train} train / {self.eval_rate:.0f} "
                      f"scoring tokens/s ({self.source}); early stopping can only shorten it")
         if self.rt_share:
             share = float(np.median(self.rt_share))
