@@ -221,6 +221,22 @@ def test_all_cells_sorts_shots_as_numbers(tmp_path):
     assert [r.split(" | ")[3] for r in rows] == ["16", "64", "256"]  # not "16", "256", "64"
 
 
+def test_figures_name_the_grid_settings(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    for shots in (16, 64):
+        _eval_result(tmp_path, "rt", 0.6, 0, shots, "movie")
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figures to read their titles
+    write_summary(tmp_path, planned=2, title="cpu (smollm2-135m); rt train_on_inputs=false")
+    titles = [f._suptitle.get_text() for f in kept]
+    assert len(titles) == 2 and all("\ncpu (smollm2-135m); rt train_on_inputs=false" in t
+                                    for t in titles), titles
+    monkeypatch.undo()
+    for f in kept:
+        plt.close(f)
+
+
 def test_aggregation_by_hand(tmp_path):
     # TALLRec movie K=16 over 3 seeds, K=64 over 1 seed, book from movie, zero-shot, a
     # failed run that must not count, and a baseline file in the baselines CLI's format

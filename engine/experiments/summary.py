@@ -230,8 +230,8 @@ def write_summary(out: Path | str, planned: int | list | None = None, title: str
         md.append(f"| {LABELS.get(k[0], k[0])} | {k[1] or '-'} | {_dname(k[2], rows)} | "
                   f"{k[3] or '-'} | {cell(agg, k)} | {agg[k]['n']} |")
     if rows:
-        plot_shots(rows, agg, out / "fig4_shots.png", synthetic)
-        plot_cross(rows, agg, out / "fig5_cross_domain.png", synthetic)
+        plot_shots(rows, agg, out / "fig4_shots.png", synthetic, title or out.name)
+        plot_cross(rows, agg, out / "fig5_cross_domain.png", synthetic, title or out.name)
         md += [x for f, what in (("fig4_shots.png", "Fig. 4"), ("fig5_cross_domain.png", "Fig. 5"))
                if (out / f).is_file() for x in ("", f"![{what} layout]({f})")]
     path = out / "summary.md"
@@ -251,8 +251,9 @@ def _pyplot():
     return plt
 
 
-def _finish(fig, path: Path, synthetic: bool, what: str):
-    title = what + (f"\n{SYNTHETIC_NOTE}" if synthetic else "")
+def _finish(fig, path: Path, synthetic: bool, what: str, grid: str):
+    # the grid's title names settings given over its preset (e.g. the loss on the answer only)
+    title = what + (f"\n{grid}" if grid else "") + (f"\n{SYNTHETIC_NOTE}" if synthetic else "")
     fig.suptitle(title, color="red" if synthetic else "black")
     fig.tight_layout()
     make_dir(path.parent)
@@ -287,7 +288,7 @@ def _color(method: str, baselines: list[str]) -> str:
     return f"C{7 + baselines.index(method) % 3}"
 
 
-def plot_shots(rows, agg, path: Path, synthetic: bool):
+def plot_shots(rows, agg, path: Path, synthetic: bool, grid: str = ""):
     plt = _pyplot()
     # panels for test domains with in-domain results (zero-shot and IT count: not trained)
     domains = _ordered({r["eval_domain"] for r in rows if not r.get("baseline")
@@ -316,11 +317,12 @@ def plot_shots(rows, agg, path: Path, synthetic: bool):
         ax.set_title(f"trained and tested on {_dname(d, rows)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-    _finish(fig, path, synthetic, "AUC vs number of training samples (TALLRec Fig. 4 layout)")
+    _finish(fig, path, synthetic, "AUC vs number of training samples (TALLRec Fig. 4 layout)",
+            grid)
     plt.close(fig)
 
 
-def plot_cross(rows, agg, path: Path, synthetic: bool):
+def plot_cross(rows, agg, path: Path, synthetic: bool, grid: str = ""):
     plt = _pyplot()
     tuned = [r for r in rows if r["method"] in ("rt", "it+rt")]
     if not tuned:
@@ -344,5 +346,6 @@ def plot_cross(rows, agg, path: Path, synthetic: bool):
         ax.set_ylabel("test AUC")
         ax.set_title(f"tested on {_dname(d, rows)}")
         ax.legend(fontsize=8)
-    _finish(fig, path, synthetic, f"Cross-domain: {LABELS[variant]} (TALLRec Fig. 5 layout)")
+    _finish(fig, path, synthetic, f"Cross-domain: {LABELS[variant]} (TALLRec Fig. 5 layout)",
+            grid)
     plt.close(fig)
