@@ -229,7 +229,7 @@ def test_figures_name_the_grid_settings(tmp_path, monkeypatch):
     kept = []
     monkeypatch.setattr(plt, "close", kept.append)  # keep the figures to read their titles
     write_summary(tmp_path, planned=2, title="cpu (smollm2-135m); rt train_on_inputs=false")
-    titles = [f._suptitle.get_text() for f in kept]
+    titles = [f.get_suptitle() for f in kept]
     assert len(titles) == 2 and all("\ncpu (smollm2-135m); rt train_on_inputs=false" in t
                                     for t in titles), titles
     monkeypatch.undo()

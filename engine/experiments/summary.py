@@ -211,7 +211,8 @@ def write_summary(out: Path | str, planned: int | list | None = None, title: str
         state = (f"{full} of {len(cells)} planned cells done (all their seeds), {some} "
                  f"partly; " + state)
     partial = n_planned is not None and done < n_planned
-    md = [f"# {title or out.name}: TALLRec grid results", ""]
+    title = title or out.name
+    md = [f"# {title}: TALLRec grid results", ""]
     if synthetic:
         md += [f"**{SYNTHETIC_NOTE}.** These numbers test the pipeline only.", ""]
     md += [f"Status: {'PARTIAL - ' if partial else ''}{state}. Test AUC, mean ± sample std "
@@ -230,8 +231,8 @@ def write_summary(out: Path | str, planned: int | list | None = None, title: str
         md.append(f"| {LABELS.get(k[0], k[0])} | {k[1] or '-'} | {_dname(k[2], rows)} | "
                   f"{k[3] or '-'} | {cell(agg, k)} | {agg[k]['n']} |")
     if rows:
-        plot_shots(rows, agg, out / "fig4_shots.png", synthetic, title or out.name)
-        plot_cross(rows, agg, out / "fig5_cross_domain.png", synthetic, title or out.name)
+        plot_shots(rows, agg, out / "fig4_shots.png", synthetic, title)
+        plot_cross(rows, agg, out / "fig5_cross_domain.png", synthetic, title)
         md += [x for f, what in (("fig4_shots.png", "Fig. 4"), ("fig5_cross_domain.png", "Fig. 5"))
                if (out / f).is_file() for x in ("", f"![{what} layout]({f})")]
     path = out / "summary.md"
