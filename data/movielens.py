@@ -101,6 +101,24 @@ def read_items(label: str, raw: bytes) -> dict[str, str]:
     return titles
 
 
+GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+          "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+          "Romance", "Sci-Fi", "Thriller", "War", "Western")  # u.genre's order
+
+
+def read_genres(label: str, raw: bytes) -> dict[str, frozenset[str]]:
+    """item id -> its genres, from u.item's 19 trailing 0/1 flags (ml-100k's README)."""
+    genres: dict[str, frozenset[str]] = {}
+    for n, line in _lines(label, raw, "latin-1"):
+        fields = line.split("|")
+        flags = fields[-len(GENRES):]
+        if len(fields) < 5 + len(GENRES) or any(f not in ("0", "1") for f in flags):
+            raise ValueError(f"{label}:{n}: want {len(GENRES)} genre flags (0/1) at the end of "
+                             f"the item line: {line[:80]!r}")
+        genres[fields[0]] = frozenset(g for g, f in zip(GENRES, flags) if f == "1")
+    return genres
+
+
 def read_ratings(label: str, raw: bytes) -> list[Rating]:
     ratings = []
     for n, line in _lines(label, raw, "ascii"):

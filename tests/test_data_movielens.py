@@ -111,3 +111,24 @@ def test_missing_source_and_bad_config(tmp_path):
         build_movielens(tmp_path / "nope")
     with pytest.raises(ValueError):
         MovieLensConfig(history_len=0)
+
+
+def test_read_genres_by_hand(data_root):
+    from data.movielens import read_genres
+
+    raw = (data_root / "raw" / "ml-100k" / "u.item").read_bytes()
+    genres = read_genres("u.item", raw)
+    assert len(genres) == 1682
+    # u.item lines 1 and 2: Toy Story is flagged Animation, Children's, Comedy; GoldenEye
+    # Action, Adventure, Thriller (read off the 0/1 columns against u.genre)
+    assert genres["1"] == {"Animation", "Children's", "Comedy"}
+    assert genres["2"] == {"Action", "Adventure", "Thriller"}
+
+
+def test_read_genres_malformed_line_names_file_and_line():
+    from data.movielens import read_genres
+
+    good = "1|Movie (1995)|01-Jan-1995||http://x|" + "|".join("0" * 18 + "1")
+    assert read_genres("u.item", good.encode())["1"] == {"Western"}
+    with pytest.raises(ValueError, match=r"u\.item:2: want 19 genre flags"):
+        read_genres("u.item", (good + "\n2|Short|01-Jan-1995||http://x|0|1\n").encode())
