@@ -39,7 +39,7 @@ def load_data(cfg: TrainConfig):
     root = cfg.data_root
     if cfg.stage == "it":
         pool = load_alpaca(cfg.data or "alpaca_small", root)
-        rows = k_shot(pool.records, -1, cfg.seed)  # shuffled once; the tail validates
+        rows = k_shot(pool.records, -1, cfg.seed)  # shuffled with the seed; the head validates
         n_val = min(cfg.val_size if cfg.val_size > 0 else 0, len(rows) // 5)
         return rows[n_val:], rows[:n_val], pool.describe(), False
     domains = ["movie", "book"] if cfg.domain == "both" else [cfg.domain]
