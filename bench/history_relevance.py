@@ -103,12 +103,14 @@ def measure(ratings, titles, genres, cfg: MovieLensConfig, select) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", help=DATA_ROOT_HELP)
     ap.add_argument("--base", default=DEFAULT_BASE, help="model whose hidden states embed titles")
     ap.add_argument("--pool", type=int, default=50, help="candidates: the last N ratings")
     args = ap.parse_args(argv)
+    if args.pool < MovieLensConfig.history_len:
+        ap.error(f"--pool {args.pool}: want at least the {MovieLensConfig.history_len} items shown")
     src = data_root(args.data_root) / "raw" / "ml-100k"
     if not src.is_dir():
         ap.error(f"{src}: no raw MovieLens-100K folder (set --data-root)")
