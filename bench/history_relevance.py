@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from baselines.train import like_rate_auc  # noqa: E402
-from data.history import SemanticSelector  # noqa: E402
+from data.history import SemanticSelector, most_similar  # noqa: E402
 from data.movielens import (MovieLensConfig, RawFiles, build_windows, read_genres,  # noqa: E402
                             read_items, read_ratings, split_windows)
 from engine.embed import title_vectors  # noqa: E402
@@ -62,8 +62,7 @@ def recent(keep: int):
 def by_genre(genres: dict[str, frozenset], keep: int):
     """The candidates sharing most genres with the target; ties to the more recent."""
     def select(candidates, target):
-        sims = [jaccard(genres[c], genres[target]) for c in candidates]
-        return sorted(range(len(candidates)), key=lambda k: (-sims[k], -k))[:keep]
+        return most_similar([jaccard(genres[c], genres[target]) for c in candidates], keep)
     return select
 
 

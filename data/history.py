@@ -45,6 +45,10 @@ class SemanticSelector:
             raise ValueError(f"no embedding for item {missing[0]!r}")
         cand = self.unit[[self.row[c] for c in candidates]]  # (C, dim)
         sims = (cand @ self.unit[self.row[target]]).tolist()  # (C,)
-        # Highest similarity first; among equals (e.g. one title under two ids) the newer.
-        order = sorted(range(len(candidates)), key=lambda k: (-sims[k], -k))
-        return order[: self.keep]
+        return most_similar(sims, self.keep)
+
+
+def most_similar(sims: list[float], keep: int) -> list[int]:
+    """Positions of the `keep` highest similarities, highest first; among equals (e.g. one
+    title under two ids) the newer (later) candidate."""
+    return sorted(range(len(sims)), key=lambda k: (-sims[k], -k))[:keep]

@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from data.movielens import MovieLensConfig, build_movielens
+from data.movielens import MovieLensConfig, build_movielens, read_genres
 from data.records import write_records
 
 
@@ -114,8 +114,6 @@ def test_missing_source_and_bad_config(tmp_path):
 
 
 def test_read_genres_by_hand(data_root):
-    from data.movielens import read_genres
-
     raw = (data_root / "raw" / "ml-100k" / "u.item").read_bytes()
     genres = read_genres("u.item", raw)
     assert len(genres) == 1682
@@ -126,8 +124,6 @@ def test_read_genres_by_hand(data_root):
 
 
 def test_read_genres_malformed_line_names_file_and_line():
-    from data.movielens import read_genres
-
     good = "1|Movie (1995)|01-Jan-1995||http://x|" + "|".join("0" * 18 + "1")
     assert read_genres("u.item", good.encode())["1"] == {"Western"}
     with pytest.raises(ValueError, match=r"u\.item:2: want 19 genre flags"):
