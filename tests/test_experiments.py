@@ -376,3 +376,35 @@ def test_summary_only_from_copied_cache(grid_out, tmp_path):
     shutil.copytree(out / "runs", copy / "runs")
     assert cli_main(["--preset", "tiny", "--out", str(copy), "--summary-only"]) == 0
     assert (copy / "summary.md").read_text().count("SYNTHETIC") >= 2
+
+
+def test_a_finished_stage_whose_adapter_is_gone_is_trained_again(data_root, tmp_path,
+                                                                 monkeypatch, capsys):
+    # a fresh clone: the committed cache holds every result but no adapter (.gitignore), and
+    # IT+RT has not run yet; it must start from its IT adapter, trained again the same way
+    out = tmp_path / "clone"
+    grid = tiny(out, data_root, variants=["it+rt"], shots=[8], seeds=[0])
+    run_grid(grid, progress=False)
+    first = results(out)
+    for name in ("itrt-toy-k8-s0", "eval-itrt-toy-k8-s0-on-toy"):
+        (out / "runs" / name / "result.json").unlink()
+    for folder in out.glob("runs/*/train"):
+        shutil.rmtree(folder)
+    capsys.readouterr()
+    assert runner_mod.check_cache(grid, plan_runs(grid))["it-s0"] == "retrain"
+    calls = Counter(monkeypatch)
+    counts = run_grid(grid, progress=False)
+    assert [c.stage for c in calls.train] == ["it", "rt"]
+    assert calls.train[1].init_adapter == first["it-s0"]["adapter"]
+    assert calls.evals == ["eval-itrt-toy-k8-s0-on-toy"]
+    assert counts["failed"] == 0
+    assert "it-s0: finished, but its adapter is gone" in capsys.readouterr().out
+    again = results(out)
+    assert again["it-s0"]["best_val_metric"] == first["it-s0"]["best_val_metric"]
+    assert again["eval-itrt-toy-k8-s0-on-toy"]["probs"] == \
+        first["eval-itrt-toy-k8-s0-on-toy"]["probs"]
+    # the zero-shot eval needs nothing; an adapter no run still needs is not trained again
+    shutil.rmtree(out / "runs" / "it-s0" / "train")
+    monkeypatch.undo()
+    calls = Counter(monkeypatch)
+    assert run_grid(grid, progress=False)["ran"] == 0 and calls.train == []

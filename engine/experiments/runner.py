@@ -11,6 +11,9 @@ a checkpoint but no result resumes from it (train's `resume`). A folder whose sp
 another hash is an error: one out folder holds one grid, and mixing results of different
 settings in one table is how wrong papers are written. Failed runs are retried on the next
 invocation (the failure may have been a killed machine); runs needing a failed run fail too.
+Adapters are not part of the committed cache (results/.gitignore): a finished training run
+whose adapter is gone is trained again when a run still to do starts from it (stage 1 for
+stage 2, an adapter for its test); its result is rewritten, its log appended to.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def check_cache(grid: GridConfig, runs: list[Run]) -> dict[str, str]:
             status[run.name] = "resume"
         else:
             status[run.name] = "todo"
+    for name in stale_adapters(grid, runs):
+        status[name] = "retrain"
     if conflicts:
         raise CacheConflict(
             f"{len(conflicts)} cached run(s) in {grid.out} were made with other settings "
@@ -179,6 +184,22 @@ def finished(grid: GridConfig, run: Run, since: float) -> str | None:
     return "failed" if result.get("finished", 0) >= since else None  # older: retried
 
 
+def adapter_missing(grid: GridConfig, run: Run) -> bool:
+    """A finished training run whose adapter (the path its result names) is not on disk."""
+    result = read_json(run_dir(grid, run) / "result.json") or {}
+    adapter = result.get("adapter")
+    return (run.kind == "train" and result.get("hash") == run.hash
+            and result.get("status") == "ok" and not (adapter and Path(adapter).is_dir()))
+
+
+def stale_adapters(grid: GridConfig, runs: list[Run]) -> set[str]:
+    """Finished training runs to train again: a run still to do needs their missing adapter."""
+    by_name = {r.name: r for r in runs}
+    return {r.needs for r in runs
+            if r.needs in by_name and finished(grid, r, 0.0) != "ok"
+            and adapter_missing(grid, by_name[r.needs])}
+
+
 def work(grid: GridConfig, runs: list[Run], seconds: dict, progress: bool, since: float,
          tag: str = "", on_result: Callable[[], None] | None = None):
     """Take and run, in plan order, every run whose dependency is finished, until none is
@@ -188,9 +209,14 @@ def work(grid: GridConfig, runs: list[Run], seconds: dict, progress: bool, since
 
     final: dict[str, str] = {}
     n_done = 0
+    redo = stale_adapters(grid, runs)
+    for name in sorted(redo):
+        print(f"{name}: finished, but its adapter is gone (adapters stay local); trained "
+              f"again for the runs that start from it", flush=True)
     while True:
         for r in runs:
-            if r.name not in final and (f := finished(grid, r, since)) is not None:
+            if (r.name not in final and r.name not in redo
+                    and (f := finished(grid, r, since)) is not None):
                 final[r.name] = f
         left = [r for r in runs if r.name not in final]
         if not left:
@@ -202,7 +228,10 @@ def work(grid: GridConfig, runs: list[Run], seconds: dict, progress: bool, since
             if lock is None:
                 continue
             with lock:
-                if finished(grid, run, since) is None:  # not finished while we looked
+                if run.name in redo and not adapter_missing(grid, run):
+                    redo.discard(run.name)  # another worker trained it again meanwhile
+                elif run.name in redo or finished(grid, run, since) is None:
+                    redo.discard(run.name)  # (not finished while we looked)
                     n_done += 1
                     eta = sum(seconds[r.name] for r in left)
                     final[run.name] = run_one(grid, run, final.get(run.needs), progress,
