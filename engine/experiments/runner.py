@@ -228,10 +228,10 @@ def work(grid: GridConfig, runs: list[Run], seconds: dict, progress: bool, since
             if lock is None:
                 continue
             with lock:
-                if run.name in redo and not adapter_missing(grid, run):
-                    redo.discard(run.name)  # another worker trained it again meanwhile
-                elif run.name in redo or finished(grid, run, since) is None:
-                    redo.discard(run.name)  # (not finished while we looked)
+                # to redo unless another worker trained it again meanwhile
+                stale = run.name in redo and adapter_missing(grid, run)
+                redo.discard(run.name)
+                if stale or finished(grid, run, since) is None:  # not finished while we looked
                     n_done += 1
                     eta = sum(seconds[r.name] for r in left)
                     final[run.name] = run_one(grid, run, final.get(run.needs), progress,
