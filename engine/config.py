@@ -19,6 +19,8 @@ from model.config import DEFAULT_BASE
 from model.lora import LoRAConfig
 from model.quant import QUANT_MODES
 
+# What --device auto picks (engine.precision.explain_precision), for every CLI's --help.
+DEVICE_AUTO_HELP = "auto picks cuda when available"
 # What --precision auto picks (engine.precision._default), for every CLI's --help.
 PRECISION_AUTO_HELP = ("auto: bf16 (fp16 without bf16 support) on CUDA; on CPU bf16 where the "
                        "CPU computes it natively (AVX512-BF16 or AMX-BF16), else fp32")
@@ -268,7 +270,7 @@ HELP = {
     "patience": "stop after this many validations without improvement (0 = never)",
     "save_every": "steps between resumable checkpoints (0 = at every validation)",
     "eval_batch_size": "prompts per scoring forward pass",
-    "device": "auto picks cuda when available", "precision": PRECISION_AUTO_HELP
+    "device": DEVICE_AUTO_HELP, "precision": PRECISION_AUTO_HELP
     + " (tests that need exact numbers ask for fp32); bf16/fp16 store frozen weights in "
     "that dtype",
     "checkpointing": "gradient checkpointing: none, full, or every-<k> blocks",

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from engine.config import PRECISION_AUTO_HELP, HelpFormatter
+from engine.config import DEVICE_AUTO_HELP, PRECISION_AUTO_HELP, HelpFormatter
 from fileio import atomic_write_text, find_dir, make_dir
 from model.adapter import read_adapter_config
 from model.config import DEFAULT_BASE
@@ -89,7 +89,7 @@ HELP = {
                   "instead of the first N (the files list users in order)",
     "batch_size": "prompts per forward pass",
     "cutoff_len": "max prompt tokens; the oldest history items are dropped to fit",
-    "device": "auto picks cuda when available",
+    "device": DEVICE_AUTO_HELP,
     "precision": PRECISION_AUTO_HELP,
     "quant": "store the base's decoder Linear weights quantized (model/quant.py); default: "
              "the run's --quant, else none. An adapter trained on a quantized base scores on the "
