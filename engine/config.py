@@ -20,6 +20,8 @@ from model.lora import LoRAConfig
 from model.quant import QUANT_MODES
 
 # What --device auto picks (engine.precision.explain_precision), for every CLI's --help.
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICE_AUTO_HELP = "auto picks cuda when available"
 # What --precision auto picks (engine.precision._default), for every CLI's --help.
 PRECISION_AUTO_HELP = ("auto: bf16 (fp16 without bf16 support) on CUDA; on CPU bf16 where the "
@@ -89,11 +91,8 @@ class TrainConfig:
             raise ValueError(f"--domain must be movie, book, both or toy, got {self.domain!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name, allowed in (("lr_schedule", ("linear", "cosine", "constant")),
-                              ("step_mode", ("mean", "tallrec")),
-                              ("device", ("auto", "cpu", "cuda")),
-                              ("precision", ("auto", "fp32", "bf16", "fp16")),
-                              ("quant", QUANT_MODES)):
+        for name in ("lr_schedule", "step_mode", "device", "precision", "quant"):
+            allowed = CHOICES[name]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}")
         self.lora()  # validates r, alpha, dropout and targets early
@@ -323,7 +322,7 @@ GROUPS = {
 # allowed values, listed in --help (TrainConfig.__post_init__ checks them, naming the flag)
 CHOICES = {"stage": ("it", "rt"), "domain": ("movie", "book", "both", "toy"),
            "lr_schedule": ("linear", "cosine", "constant"), "step_mode": ("mean", "tallrec"),
-           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "device": DEVICES, "precision": PRECISIONS,
            "quant": QUANT_MODES}
 
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from engine.config import DEVICE_AUTO_HELP, PRECISION_AUTO_HELP, HelpFormatter
+from engine.config import DEVICE_AUTO_HELP, DEVICES, PRECISION_AUTO_HELP, PRECISIONS, HelpFormatter
 from fileio import atomic_write_text, find_dir, make_dir
 from model.adapter import read_adapter_config
 from model.config import DEFAULT_BASE
@@ -20,8 +20,6 @@ from paths import DATA_ROOT_HELP
 
 DOMAINS = ("movie", "book", "toy")
 SPLITS = ("train", "valid", "test")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass

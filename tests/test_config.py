@@ -37,3 +37,16 @@ def test_share_prefix_flag_and_runs_saved_before_it(tmp_path):
     assert config_from_args(["--out", str(tmp_path), "--resume"]).share_prefix is False
     with pytest.raises(ValueError, match=r"share_prefix \(False -> True\)"):
         config_from_args(["--out", str(tmp_path), "--resume", "--share-prefix"])
+
+
+@pytest.mark.parametrize("name, bad", [("device", "gpu"), ("precision", "fp8"),
+                                       ("lr_schedule", "step"), ("step_mode", "sum"),
+                                       ("quant", "int3")])
+def test_enumerated_settings_refuse_unknown_values(name, bad):
+    """each enumerated setting takes exactly its listed values (engine.config.CHOICES, which
+    --help and the grid's flags show) and names its flag when given another."""
+    from engine.config import CHOICES, TrainConfig
+    for ok in CHOICES[name]:
+        TrainConfig(stage="rt", **{name: ok})
+    with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be one of"):
+        TrainConfig(stage="rt", **{name: bad})

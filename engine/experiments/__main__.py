@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from engine.config import DEVICE_AUTO_HELP, PRECISION_AUTO_HELP, TrainConfig
+from engine.config import DEVICE_AUTO_HELP, DEVICES, PRECISION_AUTO_HELP, PRECISIONS, TrainConfig
 from engine.experiments.grid import EVAL_DOMAINS, PRESETS, TRAIN_DOMAINS, VARIANTS
 from paths import DATA_ROOT_HELP
 
@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rt", nargs="+", default=[], metavar="KEY=VALUE",
                    help="rec-tuning settings over the `rt` training preset, e.g. lr=1e-4 "
                         "epochs=200 patience=10")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", choices=DEVICES,
                    help=f"every run's device (default: the preset's; {DEVICE_AUTO_HELP})")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="every run's precision (default: the preset's); " + PRECISION_AUTO_HELP)
     p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.add_argument("--train-tokens-per-s", type=float,
