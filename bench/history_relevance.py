@@ -7,6 +7,8 @@ no-training like-rate rule's AUC, for each way of choosing the 10 items shown:
   title embeddings are closest to the target's: mean-pooled final hidden states of the base);
 - the same with other title embeddings of the same base: a prompt's last token ("This movie
   title: "..." means in one word:"", PromptEOL, Jiang et al. 2023) and middle layers;
+- collaborative: the grid's `--retrieval collaborative` (the 10 candidates whose rating
+  vectors over the training users are closest to the target's, the window's user left out);
 - genre: the 10 of the same candidates whose genres overlap the target's most, an oracle that
   reads the labels MovieLens gives, to show what relevant retrieval would look like.
 
@@ -28,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from baselines.train import like_rate_auc  # noqa: E402
-from data.history import SemanticSelector, most_similar  # noqa: E402
+from data.history import CollaborativeSelector, SemanticSelector, most_similar  # noqa: E402
 from data.movielens import (MovieLensConfig, RawFiles, build_windows, read_genres,  # noqa: E402
-                            read_items, read_ratings, split_windows)
+                            read_items, read_ratings, split_windows, training_users)
 from engine.embed import title_vectors  # noqa: E402
 from model.checkpoint import load_base  # noqa: E402
 from model.config import DEFAULT_BASE  # noqa: E402
@@ -49,19 +51,19 @@ class Recorder:
     def __init__(self, select):
         self.select, self.shown = select, []
 
-    def __call__(self, candidates: list[str], target: str) -> list[int]:
-        chosen = self.select(candidates, target)
+    def __call__(self, candidates: list[str], target: str, user: str) -> list[int]:
+        chosen = self.select(candidates, target, user)
         self.shown.append(([candidates[k] for k in chosen], target))
         return chosen
 
 
 def recent(keep: int):
-    return lambda candidates, target: list(range(len(candidates) - keep, len(candidates)))
+    return lambda candidates, target, user: list(range(len(candidates) - keep, len(candidates)))
 
 
 def by_genre(genres: dict[str, frozenset], keep: int):
     """The candidates sharing most genres with the target; ties to the more recent."""
-    def select(candidates, target):
+    def select(candidates, target, user):
         return most_similar([jaccard(genres[c], genres[target]) for c in candidates], keep)
     return select
 
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                    2 * n // 3]).items():
         where = "final norm" if layer is None else f"block {layer} of {n}"
         row(f"semantic: prompt's last token, {where}", SemanticSelector(vectors, keep))
+    row("collaborative: training users' ratings (grid)",
+        CollaborativeSelector(ratings, training_users(ratings, cfg), keep))
     row("genre overlap (oracle: MovieLens' genre labels)", by_genre(genres, keep))
     return 0
 

@@ -11,8 +11,8 @@ The construction, as in TALLRec's released valid/test files (tests check them by
 
 A `select` function (data/history.py: retrieved histories after ReLLa) changes only which
 history items a window shows: it picks history_len of the last `history_pool` ratings before
-the target. Windows, targets, labels and splits stay those of the recent-history build, so
-the two builds pair up row by row.
+the target, and is told the window's user. Windows, targets, labels and splits stay those of
+the recent-history build, so the builds pair up row by row.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ def read_ratings(label: str, raw: bytes) -> list[Rating]:
     return ratings
 
 
-# (candidate item ids, oldest first; target item id) -> positions of the items to show
-HistorySelect = Callable[[list[str], str], list[int]]
+# (candidate item ids, oldest first; target item id; the window's user) -> positions of the
+# items to show
+HistorySelect = Callable[[list[str], str, str], list[int]]
 
 
 def build_windows(
@@ -156,7 +157,7 @@ def build_windows(
             hist = range(i - h, i)
             if select is not None:
                 pool = list(range(max(0, i - cfg.history_pool), i))
-                chosen = select([rows[j].item for j in pool], rows[i].item)
+                chosen = select([rows[j].item for j in pool], rows[i].item, rows[i].user)
                 if len(set(chosen)) != h or not all(0 <= k < len(pool) for k in chosen):
                     raise ValueError(f"history selector returned {chosen!r}: want {h} distinct "
                                      f"positions among {len(pool)} candidates")
@@ -181,16 +182,40 @@ def split_windows(windows: list, cfg: MovieLensConfig) -> dict[str, list]:
     return {"train": windows[:a], "valid": windows[a:b], "test": windows[b:]}
 
 
+def training_users(ratings: list[Rating], cfg: MovieLensConfig) -> set[str]:
+    """Users owning no validation or test window (the windows build_windows makes)."""
+    by_user: dict[str, int] = {}
+    for r in ratings:
+        by_user[r.user] = by_user.get(r.user, 0) + 1
+    owners = [u for u, n in by_user.items() for _ in range(cfg.history_len, n)]
+    if cfg.max_windows is not None:
+        owners = owners[-cfg.max_windows :]
+    split = split_windows(owners, cfg)
+    return set(by_user) - set(split["valid"]) - set(split["test"])
+
+
+def collaborative_selector_factory(cfg: MovieLensConfig):
+    """For `build_movielens(make_select=...)`: item vectors from the training users' ratings
+    (data/history.py, CollaborativeSelector)."""
+    from data.history import CollaborativeSelector
+
+    def make(titles: dict[str, str], ratings: list[Rating]) -> CollaborativeSelector:
+        return CollaborativeSelector(ratings, training_users(ratings, cfg), cfg.history_len)
+
+    return make
+
+
 def build_movielens(
     source: Path | str, cfg: MovieLensConfig | None = None,
-    make_select: Callable[[dict[str, str]], HistorySelect] | None = None,
+    make_select: Callable[[dict[str, str], list[Rating]], HistorySelect] | None = None,
 ) -> dict[str, list[RecSample]]:
     """train/valid/test RecSamples from an ml-100k folder or zip. `make_select`, given the
-    item titles (id -> title), returns the history selector (None: the recent history)."""
+    item titles (id -> title) and the ratings, returns the history selector (None: the
+    recent history)."""
     cfg = cfg or MovieLensConfig()
     raw = RawFiles(source)
     titles = read_items(*raw.read("u.item"))
     data_label, data_bytes = raw.read("u.data")
     ratings = read_ratings(data_label, data_bytes)
-    select = make_select(titles) if make_select is not None else None
+    select = make_select(titles, ratings) if make_select is not None else None
     return split_windows(build_windows(ratings, titles, cfg, data_label, select), cfg)

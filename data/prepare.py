@@ -2,6 +2,7 @@
 
     python -m data.prepare movielens [--raw-dir DIR_OR_ZIP] --out DIR
     python -m engine.prepare movielens --history-select semantic [--history-pool 50] --out DIR
+    python -m data.prepare movielens --history-select collaborative [--history-pool 50] --out DIR
     python -m data.prepare bookcrossing --raw-dir DIR --out DIR
     python -m data.prepare toy --out DIR
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from data.bookcrossing import BookCrossingConfig, build_bookcrossing
 from data.history import HISTORY_SELECT
-from data.movielens import MovieLensConfig, build_movielens
+from data.movielens import MovieLensConfig, build_movielens, collaborative_selector_factory
 from data.records import write_records
 from data.toy import ToyConfig, toy_records
 from fileio import WriteError, atomic_write, describe, make_dir
@@ -121,6 +122,8 @@ def cmd_movielens(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         make_select = args.make_semantic(cfg.history_len, args.embed_base, args.embed_tokenizer)
+    elif args.history_select == "collaborative":
+        make_select = collaborative_selector_factory(cfg)
     splits = build_movielens(source, cfg, make_select)
     _write_splits(Path(args.out), {k: [s.to_record() for s in v] for k, v in splits.items()})
     return 0
@@ -161,9 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--history-select", choices=HISTORY_SELECT, default="recent",
                     help="recent: the history-len ratings before the target (TALLRec); "
                          "semantic: the history-len of the last --history-pool ratings whose "
-                         "title embeddings are most similar to the target's (after ReLLa)")
+                         "title embeddings are most similar to the target's (after ReLLa); "
+                         "collaborative: the same with item vectors of the training users' "
+                         "ratings (item-based collaborative filtering, no model)")
     ml.add_argument("--history-pool", type=int, default=50,
-                    help="semantic: candidates, the last N ratings before the target")
+                    help="semantic/collaborative: candidates, the last N ratings before the "
+                         "target")
     ml.add_argument("--embed-base",
                     help="semantic: base model whose mean-pooled hidden states embed titles "
                          "(default: the default base; cached in the tallrec cache)")

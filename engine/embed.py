@@ -96,7 +96,7 @@ def semantic_selector_factory(keep: int, base: str | None = None, tokenizer: str
                               cache_dir: Path | str | None = None):
     """For `data.movielens.build_movielens(make_select=...)`: embeds the catalogue's titles
     once (base None: the default base)."""
-    def make(titles: dict[str, str]) -> SemanticSelector:
+    def make(titles: dict[str, str], ratings=None) -> SemanticSelector:
         return SemanticSelector(title_vectors(titles, base, tokenizer, cache_dir), keep)
 
     return make

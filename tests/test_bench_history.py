@@ -17,7 +17,7 @@ def test_genre_oracle_picks_the_overlapping_newest_first():
               "c": frozenset({"Drama", "War"}), "d": frozenset({"Drama"}),
               "t": frozenset({"Drama"})}
     # a and d both match exactly (1.0): d, the newer, first; then c (1/2); b shares nothing
-    assert by_genre(genres, 3)(["a", "b", "c", "d"], "t") == [3, 0, 2]
+    assert by_genre(genres, 3)(["a", "b", "c", "d"], "t", "u") == [3, 0, 2]
 
 
 def _user(n):

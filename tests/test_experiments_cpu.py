@@ -76,6 +76,39 @@ def test_committed_cpu_small_cache_stays_valid():
     assert {r.name: r.hash for r in runs} == stored
 
 
+def test_committed_cpu_cache_stays_valid():
+    """Every committed `cpu` run (semantic ones too) keeps its hash under today's plan."""
+    committed = ROOT / "results" / "cpu" / "runs"
+    if not committed.is_dir():
+        pytest.skip("no committed cpu results")
+    plan = {r.name: r.hash for r in plan_runs(grid_from_preset("cpu"))}
+    stored = {p.parent.name: json.loads(p.read_text())["hash"]
+              for p in committed.glob("*/spec.json")}
+    assert len(stored) > 100 and set(stored) <= set(plan)
+    assert {n: plan[n] for n in stored} == stored
+
+
+def test_collaborative_retrieval_plans_its_own_runs_and_data():
+    grid = grid_from_preset("cpu", out="o", train_domains=["movie"], eval_domains=["movie"],
+                            shots=[256], variants=["rt"], semantic_variants=["rt"], seeds=[0],
+                            retrieval="collaborative")
+    runs = {r.name: r for r in plan_runs(grid)}
+    assert set(runs) == {"rt-movie-k256-s0", "eval-rt-movie-k256-s0-on-movie",
+                         "rt-movie-cf-k256-s0", "eval-rt-movie-cf-k256-s0-on-movie-cf"}
+    train, test = runs["rt-movie-cf-k256-s0"], runs["eval-rt-movie-cf-k256-s0-on-movie-cf"]
+    assert train.cfg.data == str(Path("o") / "data" / "movie-collaborative" / "train.json")
+    assert train.meta["history"] == test.meta["history"] == "collaborative"
+    assert test.spec["history"] == {"select": "collaborative", "history_len": 10, "pool": 50,
+                                    "folder": str(Path("o") / "data" / "movie-collaborative")}
+    sem = {r.name: r.hash for r in plan_runs(grid_from_preset(
+        "cpu", out="o", train_domains=["movie"], eval_domains=["movie"], shots=[256],
+        variants=["rt"], semantic_variants=["rt"], seeds=[0]))}
+    assert sem["rt-movie-k256-s0"] == runs["rt-movie-k256-s0"].hash  # recent runs shared
+    assert sem["rt-movie-sem-k256-s0"] != train.hash
+    with pytest.raises(ValueError, match="unknown retrieval 'bm25'"):
+        grid_from_preset("cpu", retrieval="bm25")
+
+
 def test_semantic_runs_end_to_end(tmp_path, data_root):
     """A random tiny base on movie: the semantic build is made once (same rows as TALLRec's
     files, other histories), the semantic runs score it, and the summary pairs them."""
@@ -149,6 +182,20 @@ def test_summary_semantic_table_like_rate_and_cells_by_hand(tmp_path):
     assert "| RT, semantic history (ReLLa) | — | 0.6450 ± 0.0212 (n=2) |" in md  # K = 16, 64
     assert ("Status: PARTIAL - 2 of 3 planned cells done (all their seeds), 1 partly; 6 of 13 "
             "runs finished (and 1 finished outside this plan).") in md
+
+
+def test_summary_tables_each_retrieval_against_recent(tmp_path):
+    for seed, (rec, sem, cf) in enumerate([(0.60, 0.58, 0.65), (0.62, 0.61, 0.64)]):
+        _eval(tmp_path, f"r{seed}", "rt", rec, seed, 256, "movie")
+        _eval(tmp_path, f"s{seed}", "rt", sem, seed, 256, "movie", "semantic")
+        _eval(tmp_path, f"c{seed}", "rt", cf, seed, 256, "movie", "collaborative")
+    md = write_summary(tmp_path, 6).read_text()
+    # semantic - recent: -0.02, -0.01; collaborative - recent: +0.05, +0.02
+    sem_part = md.split("## Semantic (retrieved) minus recent")[1].split("##")[0]
+    cf_part = md.split("## Collaborative (retrieved) minus recent")[1].split("##")[0]
+    assert "| RT only | — | -0.0150 ± 0.0071 (n=2) |" in sem_part
+    assert "| RT only | — | +0.0350 ± 0.0212 (n=2) |" in cf_part
+    assert "| RT, collaborative history | movie | movie | 256 | 0.6450 ± 0.0071 (n=2) | 2 |" in md
 
 
 def test_summary_is_replaced_whole(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from engine.config import DEVICE_AUTO_HELP, DEVICES, PRECISION_AUTO_HELP, PRECISIONS, TrainConfig
-from engine.experiments.grid import EVAL_DOMAINS, PRESETS, TRAIN_DOMAINS, VARIANTS
+from engine.experiments.grid import EVAL_DOMAINS, PRESETS, RETRIEVAL_TAGS, TRAIN_DOMAINS, VARIANTS
 from paths import DATA_ROOT_HELP
 
 
@@ -40,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-domains", nargs="+", choices=EVAL_DOMAINS,
                    help="test splits every adapter is scored on (in- and cross-domain)")
     p.add_argument("--semantic-variants", nargs="*", choices=VARIANTS,
-                   help="variants also run on movie with semantic (retrieved, ReLLa) "
-                        "histories; none: no semantic runs")
+                   help="variants also run on movie with retrieved (ReLLa) histories; "
+                        "none: no such runs")
+    p.add_argument("--retrieval", choices=list(RETRIEVAL_TAGS),
+                   help="how those runs retrieve history items: semantic (title embeddings of "
+                        "the base, runs tagged -sem; the default) or collaborative (rating "
+                        "vectors of the training users, item-based CF, runs tagged -cf)")
     p.add_argument("--out", help="results folder: runs/ cache, summary.md, figures")
     p.add_argument("--eval-limit", type=int,
                    help="test rows per domain, a fixed seed-0 sample (-1 = all)")

@@ -9,9 +9,11 @@ The `it` run is trained once per seed and shared by `it` and every `it+rt` run o
 Every rec-tuned adapter is scored on every evaluation domain (Fig. 5: train on movie, book or
 both, test on each).
 
-Semantic histories (`semantic_variants`, movie only): the same variants on the movie data
-rebuilt with retrieved histories (data/history.py, after ReLLa): same windows, targets,
-labels and K-shot rows, only the 10 history items shown differ; scored on that build's test.
+Retrieved histories (`semantic_variants`, movie only): the same variants on the movie data
+rebuilt with retrieved histories (data/history.py, after ReLLa; `retrieval` says how: by
+title embedding, "semantic", or by other users' ratings, "collaborative"): same windows,
+targets, labels and K-shot rows, only the 10 history items shown differ; scored on that
+build's test.
 
 A run is identified by its readable name (`rt-movie-k16-s0`) and cached under that name with
 the hash of its full config: see runner.py.
@@ -25,13 +27,14 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from data.history import HISTORY_SELECT
 from engine.config import PRESETS as TRAIN_PRESETS
 from engine.config import TrainConfig
 from model.config import DEFAULT_BASE
 from paths import data_root as resolve_data_root
 
 VARIANTS = ("zero-shot", "it", "rt", "it+rt")
+# history retrieval of the semantic variants -> the tag of their run names and table rows
+RETRIEVAL_TAGS = {"semantic": "sem", "collaborative": "cf"}
 # ETA rates of the `cpu` preset until its own finished runs measure better ones (a new --out):
 # what the committed `cpu` runs measured on the 2-core machine (SmolLM2-135M, bf16): the
 # median of the IT runs (RT's median is ~545) and the 10th percentile of the movie tests
@@ -64,6 +67,7 @@ class GridConfig:
     shot_order: list[int] = field(default_factory=list)
     # Variants also run on movie with semantic (retrieved) histories; [] = none.
     semantic_variants: list[str] = field(default_factory=list)
+    retrieval: str = "semantic"  # how they choose history items: a RETRIEVAL_TAGS key
     semantic_data: str | None = None  # built there on first use; default <out>/data/...
     history_pool: int = 50  # semantic: candidates, the last N ratings before the target
     baseline_results: list[str] = field(default_factory=list)  # baselines CLI JSON files
@@ -106,6 +110,9 @@ class GridConfig:
         bad = [v for v in self.semantic_variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"unknown semantic variant {bad[0]!r}; known: {', '.join(VARIANTS)}")
+        if self.retrieval not in RETRIEVAL_TAGS:
+            raise ValueError(f"unknown retrieval {self.retrieval!r}; known: "
+                             f"{', '.join(RETRIEVAL_TAGS)}")
         if self.semantic_variants and "movie" not in self.eval_domains:
             raise ValueError("semantic histories are built for movie: add movie to "
                              "--eval-domains or drop --semantic-variants")
@@ -132,13 +139,17 @@ class GridConfig:
         return "toy" in self.train_domains or "toy" in self.eval_domains
 
     def semantic_dir(self) -> Path:
-        return Path(self.semantic_data or Path(self.out) / "data" / "movie-semantic")
+        return Path(self.semantic_data or Path(self.out) / "data" / f"movie-{self.retrieval}")
+
+    def semantic_tag(self) -> str:
+        return RETRIEVAL_TAGS[self.retrieval]
 
     def semantic_spec(self) -> dict:
-        """What determines the semantic build (hashed into every run that reads it)."""
-        return {"select": HISTORY_SELECT[1], "history_len": 10, "pool": self.history_pool,
-                "embed_base": self.base, "embed_tokenizer": self.tokenizer,
-                "folder": str(self.semantic_dir())}
+        """What determines the retrieved build (hashed into every run that reads it)."""
+        spec = {"select": self.retrieval, "history_len": 10, "pool": self.history_pool}
+        if self.retrieval == "semantic":  # the titles' embedding model
+            spec.update(embed_base=self.base, embed_tokenizer=self.tokenizer)
+        return {**spec, "folder": str(self.semantic_dir())}
 
 
 # A `paper` run needs a GPU and LLaMA-7B weights; `cpu` is TALLRec's grid with a schedule
@@ -253,6 +264,7 @@ def plan_runs(grid: GridConfig) -> list[Run]:
     runs: list[Run] = []
     by_name: dict[str, Run] = {}
     sem = grid.semantic_spec() if grid.semantic_variants else None
+    tag = grid.semantic_tag()
     deferred: list[tuple] = []  # cross-domain evaluations
 
     def add(run: Run) -> Run:
@@ -270,8 +282,8 @@ def plan_runs(grid: GridConfig) -> list[Run]:
                 "data_root": grid.data_root}
         meta = {**meta, "eval_domain": d}
         if semantic:
-            spec["history"], meta["history"] = sem, "semantic"
-        name = f"eval-{source or 'zero-shot'}-on-{d}" + ("-sem" if semantic else "")
+            spec["history"], meta["history"] = sem, grid.retrieval
+        name = f"eval-{source or 'zero-shot'}-on-{d}" + (f"-{tag}" if semantic else "")
         add(Run(name, "eval", spec, meta, needs=source))
 
     def ensure_it(seed: int) -> str:
@@ -302,10 +314,10 @@ def plan_runs(grid: GridConfig) -> list[Run]:
                                              else grid.variants)]:
                         needs = ensure_it(seed) if variant == "it+rt" else None
                         cfg = train_config(grid, "rt", seed, domain, shots, semantic)
-                        tag = domain + ("-sem" if semantic else "")
-                        name = f"{variant.replace('+', '')}-{tag}-k{shots}-s{seed}"
+                        data = domain + (f"-{tag}" if semantic else "")
+                        name = f"{variant.replace('+', '')}-{data}-k{shots}-s{seed}"
                         meta = {"variant": variant, "train_domain": domain, "shots": shots,
-                                "seed": seed, **({"history": "semantic"} if semantic else {})}
+                                "seed": seed, **({"history": grid.retrieval} if semantic else {})}
                         spec = {"kind": "train", "config": _hashed(cfg),
                                 **({"history": sem} if semantic else {})}
                         add(Run(name, "train", spec, meta, needs=needs, cfg=cfg))

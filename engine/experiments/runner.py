@@ -109,24 +109,25 @@ def tee_to(path: Path, show: bool):
 
 
 def ensure_semantic_data(grid: GridConfig) -> Path:
-    """The movie splits with retrieved histories, built once into grid.semantic_dir() (all
+    """The movie splits with retrieved histories (grid.retrieval), built once into
+    grid.semantic_dir() (all
     three files appear together: built in a side folder, then renamed; the build is
     deterministic, so when two processes race, either copy is the same)."""
     folder = grid.semantic_dir()
     if all((folder / f"{s}.json").is_file() for s in ("train", "valid", "test")):
         return folder
-    from data.movielens import MovieLensConfig, build_movielens
+    from data.movielens import MovieLensConfig, build_movielens, collaborative_selector_factory
     from data.records import write_records
     from engine.embed import semantic_selector_factory
 
     root = resolve_data_root(grid.data_root)
     spec = grid.semantic_spec()
-    print(f"building movie splits with semantic histories into {folder} (once)", flush=True)
-    splits = build_movielens(root / "raw" / "ml-100k",
-                             MovieLensConfig(history_len=spec["history_len"],
-                                             history_pool=spec["pool"]),
-                             semantic_selector_factory(spec["history_len"], grid.base,
-                                                       grid.tokenizer))
+    cfg = MovieLensConfig(history_len=spec["history_len"], history_pool=spec["pool"])
+    print(f"building movie splits with {grid.retrieval} histories into {folder} (once)",
+          flush=True)
+    make_select = semantic_selector_factory(cfg.history_len, grid.base, grid.tokenizer) \
+        if grid.retrieval == "semantic" else collaborative_selector_factory(cfg)
+    splits = build_movielens(root / "raw" / "ml-100k", cfg, make_select)
     part = folder.with_name(f"{folder.name}.part-{os.getpid()}")  # one per process
     for name, samples in splits.items():
         write_records(part / f"{name}.json", [s.to_record() for s in samples])

@@ -15,9 +15,10 @@ given: baselines.run_baseline_grid's result dicts (a list, or under "results" as
 baselines CLI writes them), or plain {"method", "domain", "shots", "seed", "auc"} rows. The
 no-training "share of liked history items" rule comes with them (`like_rate_test_auc`).
 
-Runs on movie with semantic (retrieved) histories are methods of their own ("<variant>|sem"),
-and a table gives their paired difference to recent histories: the same seed draws the same
-K windows in both builds, so semantic - recent per seed isolates the history choice.
+Runs on movie with retrieved histories are methods of their own ("<variant>|sem" by title
+embedding, "<variant>|cf" by other users' ratings), and a table gives their paired difference
+to recent histories: the same seed draws the same K windows in every build, so retrieved -
+recent per seed isolates the history choice.
 
 Every file is written whole or not at all (temporary file, then rename): a grid stopped at
 any moment leaves the previous summary in place, never a half-written one.
@@ -32,13 +33,23 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.experiments.grid import RETRIEVAL_TAGS
 from fileio import atomic_write, make_dir
 
 LABELS = {"zero-shot": "Zero-shot (base)", "it": "IT only (Alpaca-LoRA)", "rt": "RT only",
           "it+rt": "TALLRec (IT+RT)", "zero-shot|sem": "Zero-shot, semantic history",
-          "rt|sem": "RT, semantic history (ReLLa)", "it+rt|sem": "IT+RT, semantic history (ReLLa)"}
+          "rt|sem": "RT, semantic history (ReLLa)", "it+rt|sem": "IT+RT, semantic history (ReLLa)",
+          "zero-shot|cf": "Zero-shot, collaborative history",
+          "rt|cf": "RT, collaborative history", "it+rt|cf": "IT+RT, collaborative history"}
 LIKE_RATE = "share of liked history items (no training)"
-FIXED = ("zero-shot", "it", "zero-shot|sem", LIKE_RATE)  # one value per test domain, no K
+# one value per test domain, no K
+FIXED = ("zero-shot", "it", "zero-shot|sem", "zero-shot|cf", LIKE_RATE)
+
+
+def method_of(meta: dict) -> str:
+    """A run's table row: its variant, tagged with its history retrieval if any."""
+    history = meta.get("history")
+    return meta["variant"] + (f"|{RETRIEVAL_TAGS[history]}" if history else "")
 DOMAIN_ORDER = ("movie", "book", "both", "toy")
 SYNTHETIC_NOTE = "SYNTHETIC toy data - not a real benchmark"
 
@@ -52,8 +63,7 @@ def collect(out: Path, baseline_files=()) -> tuple[list[dict], dict]:
         if r["status"] != "ok" or r["kind"] != "eval" or r.get("auc") is None:
             continue
         m = r["meta"]
-        method = m["variant"] + ("|sem" if m.get("history") == "semantic" else "")
-        rows.append({"method": method, "train_domain": m.get("train_domain"),
+        rows.append({"method": method_of(m), "train_domain": m.get("train_domain"),
                      "eval_domain": m["eval_domain"], "shots": m.get("shots"),
                      "seed": m.get("seed"), "auc": r["auc"],
                      "synthetic": bool(r.get("synthetic_data"))})
@@ -107,24 +117,24 @@ def planned_cells(runs) -> dict:
     for r in runs:
         if r.kind == "eval":
             m = r.meta
-            method = m["variant"] + ("|sem" if m.get("history") == "semantic" else "")
-            cells[method, m.get("train_domain"), m["eval_domain"], m.get("shots")].add(
+            cells[method_of(m), m.get("train_domain"), m["eval_domain"], m.get("shots")].add(
                 m.get("seed"))
     return {k: len(v) for k, v in cells.items()}
 
 
-def semantic_table(rows: list[dict]) -> str:
-    """Semantic minus recent histories on the movie test, paired by seed (same K rows)."""
+def retrieval_table(rows: list[dict], tag: str) -> str:
+    """Retrieved (methods tagged `|tag`) minus recent histories on the movie test, paired by
+    seed (same K rows)."""
     auc = {(r["method"], r["shots"], r["seed"]): r["auc"] for r in rows
            if r["eval_domain"] == "movie" and r["train_domain"] in (None, "movie")}
-    cols = [None] + sorted({k for (m, k, _) in auc if m.endswith("|sem") and k is not None})
+    cols = [None] + sorted({k for (m, k, _) in auc if m.endswith(f"|{tag}") and k is not None})
     lines = ["| variant | " + " | ".join("no training" if k is None else f"{k}-shot"
                                         for k in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for m in ("zero-shot", "rt", "it+rt"):
         cells = []
         for k in cols:
             d = [a - auc[m, k, s] for (mm, kk, s), a in auc.items()
-                 if mm == f"{m}|sem" and kk == k and (m, k, s) in auc]
+                 if mm == f"{m}|{tag}" and kk == k and (m, k, s) in auc]
             std = f" ± {np.std(d, ddof=1):.4f}" if len(d) > 1 else ""
             cells.append(f"{np.mean(d):+.4f}{std} (n={len(d)})" if d else "—")
         if any(c != "—" for c in cells):
@@ -222,9 +232,10 @@ def write_summary(out: Path | str, planned: int | list | None = None, title: str
     if any(r["method"] in ("rt", "it+rt") for r in rows):
         md += ["## Cross-domain (Fig. 5): rec-tuned on one domain, tested on each", "",
                cross_table(rows, agg), ""]
-    if any(r["method"].endswith("|sem") for r in rows):
-        md += ["## Semantic (retrieved) minus recent histories, movie test, paired by seed",
-               "", semantic_table(rows), ""]
+    for history, tag in RETRIEVAL_TAGS.items():
+        if any(r["method"].endswith(f"|{tag}") for r in rows):
+            md += [f"## {history.capitalize()} (retrieved) minus recent histories, movie "
+                   f"test, paired by seed", "", retrieval_table(rows, tag), ""]
     md += ["## All cells", "", "| method | trained on | tested on | K | AUC | seeds |",
            "|---|---|---|---|---|---|"]
     for k in sorted(agg, key=lambda k: (*(str(x) for x in k[:3]), k[3] or 0)):  # K as a number
