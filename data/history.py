@@ -45,13 +45,8 @@ class SemanticSelector:
         self.keep = keep
 
     def __call__(self, candidates: list[str], target: str, user: str | None = None) -> list[int]:
-        if len(candidates) < self.keep:
-            raise ValueError(f"{len(candidates)} candidates, fewer than the {self.keep} to keep")
-        missing = [c for c in [*candidates, target] if c not in self.row]
-        if missing:
-            raise ValueError(f"no embedding for item {missing[0]!r}")
-        cand = self.unit[[self.row[c] for c in candidates]]  # (C, dim)
-        sims = (cand @ self.unit[self.row[target]]).tolist()  # (C,)
+        c, t = table_rows(self.row, candidates, target, self.keep, "embedding")
+        sims = (self.unit[c] @ self.unit[t]).tolist()  # (C,)
         return most_similar(sims, self.keep)
 
 
@@ -78,12 +73,7 @@ class CollaborativeSelector:
         self.keep = keep
 
     def __call__(self, candidates: list[str], target: str, user: str | None = None) -> list[int]:
-        if len(candidates) < self.keep:
-            raise ValueError(f"{len(candidates)} candidates, fewer than the {self.keep} to keep")
-        missing = [c for c in [*candidates, target] if c not in self.row]
-        if missing:
-            raise ValueError(f"item {missing[0]!r} has no rating: no collaborative vector")
-        c, t = [self.row[x] for x in candidates], self.row[target]
+        c, t = table_rows(self.row, candidates, target, self.keep, "collaborative vector")
         dots, sq_c, sq_t = self.gram[c, t], self.gram[c, c], self.gram[t, t]
         j = self.col.get(user)
         if j is not None:  # leave the window's own user out
@@ -94,6 +84,17 @@ class CollaborativeSelector:
         ok = (sq_c > 1e-9) & (sq_t > 1e-9)
         sims = np.where(ok, dots / np.sqrt(np.where(ok, sq_c * sq_t, 1.0)), 0.0)
         return most_similar(np.round(sims, 12).tolist(), self.keep)  # rounding: BLAS-order noise
+
+
+def table_rows(row: dict[str, int], candidates: list[str], target: str, keep: int,
+               what: str) -> tuple[list[int], int]:
+    """Table rows of the candidates and of the target, or a clear error."""
+    if len(candidates) < keep:
+        raise ValueError(f"{len(candidates)} candidates, fewer than the {keep} to keep")
+    missing = [c for c in [*candidates, target] if c not in row]
+    if missing:
+        raise ValueError(f"no {what} for item {missing[0]!r}")
+    return [row[c] for c in candidates], row[target]
 
 
 def most_similar(sims: list[float], keep: int) -> list[int]:

@@ -201,7 +201,7 @@ def test_collaborative_selector_ties_and_errors():
                _r("O", "y", 3), _r("O", "t", 5)]
     sel = CollaborativeSelector(ratings, {"A", "O"}, keep=1)
     assert sel(["x", "y"], "t", "O") == [1]
-    with pytest.raises(ValueError, match="no rating"):
+    with pytest.raises(ValueError, match="no collaborative vector for item 'q'"):
         sel(["x", "q"], "t", "O")
     with pytest.raises(ValueError, match="fewer than"):
         CollaborativeSelector(ratings, {"A", "O"}, keep=2)(["x"], "t", "O")
