@@ -69,7 +69,7 @@ class GridConfig:
     semantic_variants: list[str] = field(default_factory=list)
     retrieval: str = "semantic"  # how they choose history items: a RETRIEVAL_TAGS key
     semantic_data: str | None = None  # built there on first use; default <out>/data/...
-    history_pool: int = 50  # semantic: candidates, the last N ratings before the target
+    history_pool: int = 50  # retrieval: candidates, the last N ratings before the target
     baseline_results: list[str] = field(default_factory=list)  # baselines CLI JSON files
     # Each rec-tuning run sees at least this many samples: epochs = ceil(budget / K), capped
     # by the rt epochs (0 = off: the rt epochs as given). Keeps small K from a 1-step run.
@@ -140,9 +140,6 @@ class GridConfig:
 
     def semantic_dir(self) -> Path:
         return Path(self.semantic_data or Path(self.out) / "data" / f"movie-{self.retrieval}")
-
-    def semantic_tag(self) -> str:
-        return RETRIEVAL_TAGS[self.retrieval]
 
     def semantic_spec(self) -> dict:
         """What determines the retrieved build (hashed into every run that reads it)."""
@@ -264,7 +261,7 @@ def plan_runs(grid: GridConfig) -> list[Run]:
     runs: list[Run] = []
     by_name: dict[str, Run] = {}
     sem = grid.semantic_spec() if grid.semantic_variants else None
-    tag = grid.semantic_tag()
+    tag = RETRIEVAL_TAGS[grid.retrieval]  # run names: rt-movie-sem-k64-s0, ...
     deferred: list[tuple] = []  # cross-domain evaluations
 
     def add(run: Run) -> Run:

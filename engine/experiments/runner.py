@@ -110,9 +110,9 @@ def tee_to(path: Path, show: bool):
 
 def ensure_semantic_data(grid: GridConfig) -> Path:
     """The movie splits with retrieved histories (grid.retrieval), built once into
-    grid.semantic_dir() (all
-    three files appear together: built in a side folder, then renamed; the build is
-    deterministic, so when two processes race, either copy is the same)."""
+    grid.semantic_dir() (all three files appear together: built in a side folder, then
+    renamed; the build is deterministic, so when two processes race, either copy is the
+    same)."""
     folder = grid.semantic_dir()
     if all((folder / f"{s}.json").is_file() for s in ("train", "valid", "test")):
         return folder

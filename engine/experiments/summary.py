@@ -45,13 +45,14 @@ LIKE_RATE = "share of liked history items (no training)"
 # one value per test domain, no K
 FIXED = ("zero-shot", "it", "zero-shot|sem", "zero-shot|cf", LIKE_RATE)
 
+DOMAIN_ORDER = ("movie", "book", "both", "toy")
+SYNTHETIC_NOTE = "SYNTHETIC toy data - not a real benchmark"
+
 
 def method_of(meta: dict) -> str:
     """A run's table row: its variant, tagged with its history retrieval if any."""
     history = meta.get("history")
     return meta["variant"] + (f"|{RETRIEVAL_TAGS[history]}" if history else "")
-DOMAIN_ORDER = ("movie", "book", "both", "toy")
-SYNTHETIC_NOTE = "SYNTHETIC toy data - not a real benchmark"
 
 
 def collect(out: Path, baseline_files=()) -> tuple[list[dict], dict]:
