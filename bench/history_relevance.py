@@ -31,8 +31,16 @@ sys.path.insert(0, str(ROOT))
 
 from baselines.train import like_rate_auc  # noqa: E402
 from data.history import CollaborativeSelector, SemanticSelector, most_similar  # noqa: E402
-from data.movielens import (MovieLensConfig, RawFiles, build_windows, read_genres,  # noqa: E402
-                            read_items, read_ratings, split_windows, training_users)
+from data.movielens import (  # noqa: E402
+    MovieLensConfig,
+    RawFiles,
+    build_windows,
+    read_genres,
+    read_items,
+    read_ratings,
+    split_windows,
+    training_users,
+)
 from engine.embed import title_vectors  # noqa: E402
 from model.checkpoint import load_base  # noqa: E402
 from model.config import DEFAULT_BASE  # noqa: E402

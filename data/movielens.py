@@ -115,7 +115,7 @@ def read_genres(label: str, raw: bytes) -> dict[str, frozenset[str]]:
         if len(fields) < 5 + len(GENRES) or any(f not in ("0", "1") for f in flags):
             raise ValueError(f"{label}:{n}: want {len(GENRES)} genre flags (0/1) at the end of "
                              f"the item line: {line[:80]!r}")
-        genres[fields[0]] = frozenset(g for g, f in zip(GENRES, flags) if f == "1")
+        genres[fields[0]] = frozenset(g for g, f in zip(GENRES, flags, strict=True) if f == "1")
     return genres
 
 

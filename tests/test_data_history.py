@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from data.history import CollaborativeSelector, SemanticSelector
-from data.movielens import (MovieLensConfig, Rating, build_movielens, build_windows,
-                            collaborative_selector_factory, read_items, read_ratings,
-                            split_windows, training_users)
+from data.movielens import (
+    MovieLensConfig,
+    Rating,
+    build_movielens,
+    build_windows,
+    collaborative_selector_factory,
+    read_items,
+    read_ratings,
+    split_windows,
+    training_users,
+)
 from data.prepare import main as data_prepare_main
 from engine.embed import semantic_selector_factory
 from engine.prepare import main
