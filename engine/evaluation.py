@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -189,7 +190,7 @@ def evaluate(cfg: EvalConfig, dist=None) -> dict:
     """Score the rows `cfg` names; -> the result JSON as a dict (nothing is written). Under
     torchrun (`dist`, engine.distributed.Dist) each rank scores its share of the rows and every
     rank gets them all back in order."""
-    from engine.precision import resolve_precision
+    from engine.precision import emulated_bf16_warning, resolve_precision
     from engine.scoring import metrics, score_split
     from model import load_base, probe_base
 
@@ -200,6 +201,8 @@ def evaluate(cfg: EvalConfig, dist=None) -> dict:
         raise ValueError(f"nothing to score: {source} holds no rows")
     device, policy = resolve_precision(dist.device(cfg.device) if dist else cfg.device,
                                        cfg.precision)
+    if warning := emulated_bf16_warning(device, policy):
+        print(f"WARNING: --precision {policy.name}: {warning}", file=sys.stderr, flush=True)
     quant = cfg.quant or (run_cfg or {}).get("quant") or "none"
     # Every check that needs no weights comes before the (slow) load: headers, tokenizer.
     _, tok = probe_base(base, cfg.tokenizer, cfg.data_root)

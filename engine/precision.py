@@ -118,6 +118,26 @@ def resolve_precision(device: str = "auto", precision: str = "auto",
     return dev, policy
 
 
+def emulated_bf16_warning(device: str | torch.device, policy: str | Precision,
+                          cpu_bf16: bool | None = None) -> str | None:
+    """Why bf16 asked for on a CPU without native bf16 is a mistake, or None. There torch
+    emulates bf16 in software: a cpu-preset grid run trained at 6 tokens/s on an AVX2-only
+    EPYC against about 700 with AVX512-BF16 (results/README.md)."""
+    if (policy.name if isinstance(policy, Precision) else policy) != "bf16":
+        return None  # auto never picks emulated bf16
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type != "cpu":
+        return None
+    if cpu_bf16 is None:
+        cpu_bf16 = cpu_bf16_support()[0]
+    if cpu_bf16:
+        return None
+    return ("this CPU has neither AVX512-BF16 nor AMX-BF16, so bf16 is emulated in software, "
+            "many times slower than fp32; use --precision fp32 (or auto, which picks fp32 "
+            "on this CPU)")
+
+
 def explain_precision(device: str = "auto", precision: str = "auto",
                       cpu_bf16: bool | None = None) -> tuple[torch.device, Precision, str]:
     """resolve_precision plus the one-line reason the run header prints."""
@@ -128,6 +148,8 @@ def explain_precision(device: str = "auto", precision: str = "auto",
     dev = torch.device(device)
     if precision != "auto":
         policy = get_precision(precision)
-        return dev, policy, f"{policy.name} on {dev.type} (--precision {precision})"
+        why = f"{policy.name} on {dev.type} (--precision {precision})"
+        warning = emulated_bf16_warning(dev, policy, cpu_bf16)
+        return dev, policy, why + (f"; WARNING: {warning}" if warning else "")
     policy, why = _default(dev, cpu_bf16)
     return dev, policy, f"{policy.name} on {dev.type} (auto: {why}; --precision overrides)"

@@ -160,6 +160,20 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(data_root, tmp_path, monkey
     assert all(r["status"] == "ok" for r in results(out).values())
 
 
+def test_threads_apply_to_a_single_worker(data_root, tmp_path, monkeypatch):
+    """--threads 1 --workers 1 runs on one thread (it was ignored without --workers > 1), and
+    the caller's thread count is back afterwards."""
+    import torch
+
+    seen = []
+    monkeypatch.setattr(runner_mod, "work", lambda *a, **k: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    run_grid(tiny(tmp_path, data_root, seeds=[0]), progress=False, workers=1, threads=1)
+    assert seen == [1] and torch.get_num_threads() == 2
+    run_grid(tiny(tmp_path, data_root, seeds=[0]), progress=False, workers=1)
+    assert seen == [1, 2]
+
+
 def test_two_workers_give_the_results_of_one(grid_out, data_root, tmp_path):
     # seed 0 of the tiny grid in 2 worker processes x 1 thread; the module's grid ran the
     # same runs (same names and hashes) in this process, one at a time, on 1 thread
@@ -295,6 +309,24 @@ def test_plan_prints_runs_and_eta(data_root, tmp_path, capsys):
                      "--plan"]) == 0
     text = capsys.readouterr().out
     assert "itrt-toy-k16-s1" in text and "21 runs, 0 cached, 21 to run; ETA" in text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plan_warns_when_bf16_would_be_emulated(data_root, tmp_path, capsys, monkeypatch):
+    """The cpu preset pins bf16: on a CPU without AVX512-BF16/AMX the plan says that every run
+    would be emulated (many times slower) and names the way out, before any work."""
+    import engine.precision
+
+    args = ["--preset", "tiny", "--out", str(tmp_path), "--data-root", str(data_root), "--plan"]
+    monkeypatch.setattr(engine.precision, "cpu_bf16_support", lambda: (False, "no bf16"))
+    assert cli_main(args + ["--precision", "bf16"]) == 0
+    text = capsys.readouterr().out
+    assert "WARNING: every run here is bf16" in text and "--precision fp32" in text
+    assert cli_main(args + ["--precision", "fp32"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    monkeypatch.setattr(engine.precision, "cpu_bf16_support", lambda: (True, "has bf16"))
+    assert cli_main(args + ["--precision", "bf16"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
 
 

@@ -44,6 +44,17 @@ def test_cpu_default_follows_the_cpu_flags():
     assert resolve_precision("cpu", "auto")[1] is policy
 
 
+def test_bf16_asked_for_on_a_cpu_without_it_warns():
+    """--precision bf16 on a CPU that would emulate it: the header says so and names the fix;
+    not where the CPU has it, not for fp32, not on auto (which never picks emulated bf16)."""
+    _, policy, why = explain_precision("cpu", "bf16", cpu_bf16=False)
+    assert policy is PRECISIONS["bf16"]
+    assert "WARNING" in why and "emulated" in why and "--precision fp32" in why
+    assert "WARNING" not in explain_precision("cpu", "bf16", cpu_bf16=True)[2]
+    assert "WARNING" not in explain_precision("cpu", "fp32", cpu_bf16=False)[2]
+    assert "WARNING" not in explain_precision("cpu", "auto", cpu_bf16=False)[2]
+
+
 def train_step(model, policy, scaler, opt, poison=False):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with policy.autocast("cpu"):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from engine.experiments.eta import Estimator, fmt_s
 from engine.experiments.grid import GridConfig, Run, plan_runs
+from engine.precision import emulated_bf16_warning
 from engine.train import train
 from fileio import atomic_write_json, find_dir
 from paths import data_root as resolve_data_root
@@ -154,6 +155,11 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
     seconds = {r.name: est.seconds(r) for r in runs}
     todo = [r for r in runs if status[r.name] != "done"]
     print(est.plan_table(runs, status, seconds))
+    if warning := emulated_bf16_warning(grid.device, grid.precision):
+        print(f"WARNING: every run here is {grid.precision}: {warning} (for the grid: "
+              f"--precision fp32, whose runs are a new set in the cache, apart from these); "
+              f"the ETA above is far too short if the runs it was timed on had native bf16",
+              flush=True)
     if plan_only:
         return {"planned": len(runs), "todo": len(todo), "eta_s": sum(seconds[r.name]
                                                                      for r in todo)}
@@ -163,7 +169,14 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
 
         run_workers(grid, workers, seconds, t_start, threads, on_result)
     else:
-        work(grid, runs, seconds, progress, t_start, on_result=on_result)
+        import torch
+
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads or threads_before)
+        try:
+            work(grid, runs, seconds, progress, t_start, on_result=on_result)
+        finally:
+            torch.set_num_threads(threads_before)
     counts = {"ran": 0, "failed": 0, "cached": len(runs) - len(todo)}
     for r in todo:  # what this invocation's workers finished
         result = read_json(run_dir(grid, r) / "result.json") or {}
