@@ -32,3 +32,21 @@ def test_default_out_sits_beside_the_adapter(tmp_path):
     assert default_out(res) == tmp_path / "adapter" / "eval_movie_test.json"
     zero = {"name": "book_test", "ckpt": "none", "base": "/m/smol.gguf"}
     assert str(default_out(zero)) == "runs/zero_shot/smol_book_test.json"
+
+
+def test_bf16_on_a_cpu_without_it_warns(data_root, capsys, monkeypatch):
+    """evaluate.py --precision bf16 where the CPU would emulate bf16: a warning naming the fix
+    on stderr, and the scores still come (a warning, not an error)."""
+    import engine.precision
+    from engine.evaluation import evaluate
+
+    cfg = EvalConfig(base="random:tiny-32k", domain="toy", limit=4, device="cpu", precision="bf16",
+                     tokenizer=str(data_root / "tokenizer" / "llama" / "tokenizer.model"),
+                     progress=False, data_root=str(data_root))
+    monkeypatch.setattr(engine.precision, "cpu_bf16_support", lambda: (False, "no bf16"))
+    assert evaluate(cfg)["n"] == 4
+    err = capsys.readouterr().err
+    assert "WARNING: --precision bf16" in err and "--precision fp32" in err
+    monkeypatch.setattr(engine.precision, "cpu_bf16_support", lambda: (True, "has bf16"))
+    evaluate(cfg)
+    assert "WARNING" not in capsys.readouterr().err
