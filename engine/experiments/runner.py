@@ -156,10 +156,9 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
     todo = [r for r in runs if status[r.name] != "done"]
     print(est.plan_table(runs, status, seconds))
     if warning := emulated_bf16_warning(grid.device, grid.precision):
-        print(f"WARNING: every run here is {grid.precision}: {warning} (for the grid: "
-              f"--precision fp32, whose runs are a new set in the cache, apart from these); "
-              f"the ETA above is far too short if the runs it was timed on had native bf16",
-              flush=True)
+        print(f"WARNING: every run here is {grid.precision}: {warning} (fp32 runs are a new "
+              f"set in the cache, apart from these); the ETA above is far too short if the "
+              f"runs it was timed on had native bf16", flush=True)
     if plan_only:
         return {"planned": len(runs), "todo": len(todo), "eta_s": sum(seconds[r.name]
                                                                      for r in todo)}
@@ -169,14 +168,10 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
 
         run_workers(grid, workers, seconds, t_start, threads, on_result)
     else:
-        import torch
+        from engine.experiments.workers import torch_threads
 
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(threads or threads_before)
-        try:
+        with torch_threads(threads):
             work(grid, runs, seconds, progress, t_start, on_result=on_result)
-        finally:
-            torch.set_num_threads(threads_before)
     counts = {"ran": 0, "failed": 0, "cached": len(runs) - len(todo)}
     for r in todo:  # what this invocation's workers finished
         result = read_json(run_dir(grid, r) / "result.json") or {}

@@ -12,6 +12,7 @@ Workers on several machines can share one cache over a file system with working 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import multiprocessing as mp
@@ -60,6 +61,19 @@ def try_lock(folder: Path) -> RunLock | None:
     return RunLock(f)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's CPU threads set to n (None: as they are) for the block, then put back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def device_plan(grid, n: int, threads: int | None) -> list[dict]:
     """Per worker: the GPU it sees (CUDA_VISIBLE_DEVICES) or its share of the CPU threads."""
     import torch
@@ -101,18 +115,14 @@ def run_workers(grid, n: int, seconds: dict, since: float, threads: int | None =
         p.start()
     # w0 is this process, already started up (imports, data): on small runs a process's
     # start-up is a large part of the work. Its device is the default one (GPU 0).
-    import torch
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(plan[0]["threads"])
     try:
         from engine.experiments.grid import plan_runs
         from engine.experiments.runner import work
 
-        work(grid, plan_runs(grid), seconds, progress=False, since=since, tag="w0 ",
-             on_result=on_result)
+        with torch_threads(plan[0]["threads"]):
+            work(grid, plan_runs(grid), seconds, progress=False, since=since, tag="w0 ",
+                 on_result=on_result)
     finally:
-        torch.set_num_threads(threads_before)
         for p in procs:
             p.join()
     for i, p in enumerate(procs, 1):
