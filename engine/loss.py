@@ -38,10 +38,10 @@ expected gradient). Batches sharing fewer than MIN_SHARED_PREFIX tokens take the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from data.collate import IGNORE_INDEX
 from engine.scoring import MIN_SHARED_PREFIX
+from kernels.cpu_bf16 import linear
 from model.llama import right_padded
 
 
@@ -56,7 +56,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         for s in range(0, h.shape[0], chunk_size):
             t = target[s:s + chunk_size]
-            logits = F.linear(h[s:s + chunk_size], weight)  # (c, V), compute dtype
+            logits = linear(h[s:s + chunk_size], weight)  # (c, V), compute dtype
             lp_dtype = logits.dtype
             logits = logits.float()  # a copy unless already fp32
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
@@ -69,7 +69,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # softmax − onehot, in place on the same fp32 buffer
                 p = e.div_(total[:, None])
                 p[torch.arange(t.shape[0], device=p.device), t] -= 1.0
-                grad_h[s:s + chunk_size] = (p.to(lp_dtype) @ weight.to(lp_dtype)).to(h.dtype)
+                # p W, as linear(p, Wᵀ): an fp32 GEMM where bf16 would be emulated
+                grad_h[s:s + chunk_size] = linear(p.to(lp_dtype),
+                                                  weight.to(lp_dtype).t()).to(h.dtype)
         if need_grad:
             ctx.save_for_backward(grad_h)
         return loss

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.cpu_bf16 import cpu_bf16_support
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -69,24 +71,6 @@ def get_precision(name: str | Precision) -> Precision:
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}; choose among {', '.join(PRECISIONS)}")
     return PRECISIONS[name]
-
-
-def cpu_bf16_support() -> tuple[bool, str]:
-    """(native bf16?, why): AVX512-BF16 or AMX-BF16 compute bf16 in hardware; without them
-    bf16 is emulated and slower than fp32. torch's own probe first, /proc/cpuinfo as backup."""
-    probes = [("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")]
-    for name, fn in probes:
-        probe = getattr(torch.cpu, fn, None)
-        if probe is not None and probe():
-            return True, f"the CPU has {name}"
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        flags = set()
-    for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")):
-        if flag in flags:
-            return True, f"the CPU has {name}"
-    return False, "the CPU has neither AVX512-BF16 nor AMX-BF16 (bf16 would be emulated)"
 
 
 def default_precision(device: str | torch.device = "cpu",

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_bf16 import linear
+
 NF4_BLOCK = 64
 NF4_DQ_GROUP = 256  # blocks per second-level scale (QLoRA's double quantization)
 GGUF_BLOCK = 32
@@ -199,11 +201,11 @@ class QuantLinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qw: QWeight):
         ctx.qw = qw  # the quantized tensors themselves, no copy
-        return F.linear(x, dequantize(qw, x.dtype))
+        return linear(x, dequantize(qw, x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
-        return dy @ dequantize(ctx.qw, dy.dtype), None
+        return linear(dy, dequantize(ctx.qw, dy.dtype).t()), None
 
 
 def check_input(x: torch.Tensor, qw: QWeight, where: str = "quant_linear"):

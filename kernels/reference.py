@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_bf16 import addmm_, linear
+
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -121,9 +123,9 @@ def lora_addmm(x, weight, lora_a, lora_b, scale: float, dropout_p: float = 0.0,
         # The 1/(1-p) rescale rides on addmm_'s alpha: one (M, K) multiply instead of two.
         xd, scale = (x * dropout_mask).reshape(-1, k), scale / (1.0 - dropout_p)
     # (M, N); the backward needs W, not y, so y may be written
-    y = weight.linear(x2) if hasattr(weight, "linear") else F.linear(x2, weight)
-    xa = F.linear(xd, lora_a.to(x.dtype))  # (M, r)
-    y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t(), alpha=scale)
+    y = weight.linear(x2) if hasattr(weight, "linear") else linear(x2, weight)
+    xa = linear(xd, lora_a.to(x.dtype))  # (M, r)
+    addmm_(y, xa.to(y.dtype), lora_b.to(y.dtype).t(), scale)
     return y.reshape(*x.shape[:-1], n)
 
 

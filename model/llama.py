@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
+from kernels.cpu_bf16 import attention, linear
 from model.config import LlamaConfig
-from model.lora import LoRAConfig, make_linear
+from model.lora import Linear, LoRAConfig, make_linear
 from model.ops import rms_norm, swiglu
 
 
@@ -90,9 +90,9 @@ class Attention(nn.Module):
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         kw = {"enable_gqa": True} if gqa else {}
         if mask is None:  # causal alone: SDPA takes its fastest (flash) kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+            y = attention(q, k, v, is_causal=True, **kw)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+            y = attention(q, k, v, attn_mask=mask, **kw)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -186,7 +186,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, lora) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Gradient checkpointing: recompute every k-th block in backward (0 = off, 1 = all);
@@ -285,5 +285,5 @@ class Llama(nn.Module):
         if logits_at is not None:
             h = torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         if vocab_rows is not None:
-            return F.linear(h, self.lm_head.weight[list(vocab_rows)])
+            return linear(h, self.lm_head.weight[list(vocab_rows)])
         return self.lm_head(h)

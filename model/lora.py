@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from kernels.cpu_bf16 import linear
 from kernels.dispatch import KERNEL_MODES, lora_path
 from kernels.reference import lora_addmm, lora_reference, make_dropout_mask
 
@@ -98,7 +98,7 @@ class LoRALinear(nn.Module):
             if self.training and self.lora_a.requires_grad and torch.is_grad_enabled():
                 # The merged weight is frozen: the adapter would silently get no gradient.
                 raise LoRAError("training through a merged LoRA layer; call unmerge_lora first")
-            return F.linear(x, self.weight)
+            return linear(x, self.weight)
         p = self.dropout if self.training else 0.0
         # A quantized W (model/quant.py) skips the fused kernel, which takes a dense W, and
         # gives lora_addmm its own base product (dequantizing W itself).
@@ -145,11 +145,21 @@ class LoRALinear(nn.Module):
                 f"scale={self.scale:g}, dropout={self.dropout:g}, kernel={self.kernel}")
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and keys) whose product is kernels.cpu_bf16.linear: an fp32
+    GEMM where bf16 would be emulated in software, F.linear everywhere else."""
+
+    def forward(self, x):
+        if self.bias is not None:
+            return linear(x, self.weight) + self.bias
+        return linear(x, self.weight)
+
+
 def make_linear(in_features: int, out_features: int, name: str, lora: LoRAConfig | None):
     if lora is not None and name in lora.targets:
         return LoRALinear(in_features, out_features, lora.r, lora.alpha, lora.dropout,
                           lora.kernel)
-    return nn.Linear(in_features, out_features, bias=False)
+    return Linear(in_features, out_features, bias=False)
 
 
 def set_kernel(model: nn.Module, mode: str):
