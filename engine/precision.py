@@ -104,9 +104,10 @@ def resolve_precision(device: str = "auto", precision: str = "auto",
 
 def emulated_bf16_warning(device: str | torch.device, policy: str | Precision,
                           cpu_bf16: bool | None = None) -> str | None:
-    """Why bf16 asked for on a CPU without native bf16 is a mistake, or None. There torch
-    emulates bf16 in software: a cpu-preset grid run trained at 6 tokens/s on an AVX2-only
-    EPYC against about 700 with AVX512-BF16 (results/README.md)."""
+    """Why bf16 asked for on a CPU without native bf16 is slower than it need be, or None.
+    There torch emulates bf16 GEMMs in software (a cpu-preset run trained at 6 tokens/s on an
+    AVX2-only EPYC), so kernels/cpu_bf16.py runs them as fp32 GEMMs of the bf16 operands:
+    145 tokens/s there, 0.77x fp32 in the same run (bench/bench_cpu_bf16.py)."""
     if (policy.name if isinstance(policy, Precision) else policy) != "bf16":
         return None  # auto never picks emulated bf16
     if str(device) == "auto":
@@ -117,9 +118,10 @@ def emulated_bf16_warning(device: str | torch.device, policy: str | Precision,
         cpu_bf16 = cpu_bf16_support()[0]
     if cpu_bf16:
         return None
-    return ("this CPU has neither AVX512-BF16 nor AMX-BF16, so bf16 is emulated in software, "
-            "many times slower than fp32; use --precision fp32 (or auto, which picks fp32 "
-            "on this CPU)")
+    return ("this CPU has neither AVX512-BF16 nor AMX-BF16, so bf16 GEMMs run as fp32 GEMMs "
+            "of bf16 operands (kernels/cpu_bf16.py): bf16's numbers, but slower than fp32 "
+            "(about 0.8x) and 2-4x slower than a CPU with native bf16; --precision fp32 (or "
+            "auto, which picks fp32 on this CPU) is faster here")
 
 
 def explain_precision(device: str = "auto", precision: str = "auto",

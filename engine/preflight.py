@@ -19,6 +19,7 @@ from engine.memory import PlanError, choose, fmt_bytes, parse_bytes, plan
 from engine.precision import explain_precision
 from engine.state import check_out_dir, load_trainer_state, read_run_config
 from fileio import find_dir
+from kernels import cpu_bf16
 from kernels.dispatch import lora_path
 from model import probe_base
 from model.adapter import read_adapter_config
@@ -147,6 +148,8 @@ def plan_memory(cfg: TrainConfig, model_cfg, device, policy, seq_len: int, world
     lora_impl = lora_path(lora.kernel, device.type, policy.compute_dtype or policy.weight_dtype,
                           cfg.micro_batch_size * seq_len, lora.r)
     backend = "efficient" if device.type == "cuda" else "cpu-flash"
+    if policy.compute_dtype == torch.bfloat16 and cpu_bf16.emulated(device):
+        backend = "cpu-flash-fp32"  # fp32 GEMMs and attention (kernels/cpu_bf16.py)
     quant = cfg.quant
     if quant == "gguf":  # the planner counts the blocks the file holds
         quant = gguf_linear_format(resolve_base(cfg.base, cfg.data_root))

@@ -65,7 +65,9 @@ class _Bf16LinearFp32(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)  # bf16, as the native path saves them
+        # bf16, and only what a grad needs, as autograd saves for F.linear: x for ∂W, W for ∂x
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[0] else None)
         return F.linear(x.float(), weight.float()).to(torch.bfloat16)
 
     @staticmethod

@@ -314,7 +314,8 @@ def test_plan_prints_runs_and_eta(data_root, tmp_path, capsys):
 
 def test_plan_warns_when_bf16_would_be_emulated(data_root, tmp_path, capsys, monkeypatch):
     """The cpu preset pins bf16: on a CPU without AVX512-BF16/AMX the plan says that every run
-    would be emulated (many times slower) and names the way out, before any work."""
+    run as fp32 GEMMs of bf16 operands (slower than fp32) and names the way out, before any
+    work."""
     import engine.precision
 
     args = ["--preset", "tiny", "--out", str(tmp_path), "--data-root", str(data_root), "--plan"]

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine.loss import causal_lm_loss
 from engine.memory import GiB, PlanError, choose, main, plan
 from engine.precision import get_precision
+from kernels import cpu_bf16
 from model.config import PRESETS, LlamaConfig
 from model.llama import Llama
 from model.lora import LoRAConfig, lora_modules, set_kernel
@@ -69,12 +70,17 @@ CASES = [  # cfg, B, T, precision, dropout, checkpoint_every, padded, backend, t
     (SMOL, 2, 64, "fp32", 0.0, 1, False, "cpu-flash", "q,v"),
     (SMOL, 2, 64, "bf16", 0.05, 0, True, "cpu-flash", "q,v"),
     (SMOL, 2, 64, "bf16", 0.1, 2, True, "cpu-flash", "q,v,o,down"),
+    # bf16 on a CPU without bf16 instructions (kernels/cpu_bf16.py's fp32 GEMMs and attention)
+    (TINY, 2, 32, "bf16", 0.1, 2, True, "cpu-flash-fp32", "q,k,v,o,gate,up,down"),
+    (SMOL, 2, 64, "bf16", 0.05, 0, True, "cpu-flash-fp32", "q,v"),
 ]
 
 
 @pytest.mark.parametrize("cfg,B,T,precision,dropout,ckpt,padded,backend,targets", CASES)
 def test_activation_bytes_match_saved_tensors(cfg, B, T, precision, dropout, ckpt, padded,
-                                              backend, targets):
+                                              backend, targets, monkeypatch):
+    # cpu-flash: torch's own bf16 kernels (native bf16); cpu-flash-fp32: the fallback
+    monkeypatch.setattr(cpu_bf16, "FORCE_NATIVE", backend != "cpu-flash-fp32")
     prec = get_precision(precision)
     lora = LoRAConfig(r=4, dropout=dropout, targets=targets.split(","))
     model = build(cfg, lora, prec)

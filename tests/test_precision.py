@@ -45,11 +45,12 @@ def test_cpu_default_follows_the_cpu_flags():
 
 
 def test_bf16_asked_for_on_a_cpu_without_it_warns():
-    """--precision bf16 on a CPU that would emulate it: the header says so and names the fix;
-    not where the CPU has it, not for fp32, not on auto (which never picks emulated bf16)."""
+    """--precision bf16 on a CPU without bf16: the header says it runs as fp32 GEMMs, slower
+    than fp32, and names the fix; not where the CPU has it, not for fp32, not on auto (which
+    never picks bf16 there)."""
     _, policy, why = explain_precision("cpu", "bf16", cpu_bf16=False)
     assert policy is PRECISIONS["bf16"]
-    assert "WARNING" in why and "emulated" in why and "--precision fp32" in why
+    assert "WARNING" in why and "as fp32 GEMMs" in why and "--precision fp32" in why
     assert "WARNING" not in explain_precision("cpu", "bf16", cpu_bf16=True)[2]
     assert "WARNING" not in explain_precision("cpu", "fp32", cpu_bf16=False)[2]
     assert "WARNING" not in explain_precision("cpu", "auto", cpu_bf16=False)[2]

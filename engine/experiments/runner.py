@@ -157,8 +157,8 @@ def run_grid(grid: GridConfig, progress: bool = True, plan_only: bool = False,
     print(est.plan_table(runs, status, seconds))
     if warning := emulated_bf16_warning(grid.device, grid.precision):
         print(f"WARNING: every run here is {grid.precision}: {warning} (fp32 runs are a new "
-              f"set in the cache, apart from these); the ETA above is far too short if the "
-              f"runs it was timed on had native bf16", flush=True)
+              f"set in the cache, apart from these); the ETA above is too short if the runs it "
+              f"was timed on had native bf16", flush=True)
     if plan_only:
         return {"planned": len(runs), "todo": len(todo), "eta_s": sum(seconds[r.name]
                                                                      for r in todo)}

@@ -13,7 +13,9 @@ from engine.precision import Precision
 from model.config import ConfigError, LlamaConfig
 from model.lora import LoRAConfig
 
-BACKENDS = ("cpu-flash", "flash", "efficient", "math")
+# cpu-flash-fp32: a bf16 run on a CPU without bf16 instructions (kernels/cpu_bf16.py), whose
+# attention and LoRA addmm_ keep fp32 copies of what they save
+BACKENDS = ("cpu-flash", "cpu-flash-fp32", "flash", "efficient", "math")
 GiB = 1 << 30
 
 
@@ -97,6 +99,8 @@ def block_saved(cfg: LlamaConfig, lora: LoRAConfig | None, batch: int, seq: int,
     N, e, D, F = batch * seq, prec.compute_bytes, cfg.dim, cfg.hidden_dim
     HD, H = cfg.n_heads * cfg.head_dim, cfg.n_heads
     targets = set(lora.targets) if lora else set()
+    # kernels/cpu_bf16.py: attention saves its fp32 inputs and output, addmm_ fp32 xa and B
+    ea = 4 if backend == "cpu-flash-fp32" else e
     drop = bool(lora and lora.dropout > 0)
     autocast = prec.compute_dtype is not None
     out: dict[str, int] = {}
@@ -128,11 +132,11 @@ def block_saved(cfg: LlamaConfig, lora: LoRAConfig | None, batch: int, seq: int,
             add("lora.scale_scalars", m * 8 if x_rg else 0)
         else:
             add(f"{prefix}.lora_x", N * in_dim * e)
-        add(f"{prefix}.lora_xa", m * N * r * e)
+        add(f"{prefix}.lora_xa", m * N * r * ea)
         add("lora.scale_scalars", m * 8)  # `scale * t` keeps the scale as a 0-dim fp64 tensor
-        if autocast:  # autocast's cached compute-dtype copies of A (needs x grad) and B
-            add("lora.autocast_weights", sum(r * (_in_out(cfg, n)[1] + (_in_out(cfg, n)[0]
-                                                  if x_rg else 0)) * e for n in mods))
+        if autocast:  # compute-dtype copies of B (addmm_'s) and of A (autocast's; needs x grad)
+            add("lora.autocast_weights", sum(r * (_in_out(cfg, n)[1] * ea + (
+                _in_out(cfg, n)[0] * e if x_rg else 0)) for n in mods))
 
     rg = input_requires_grad
     norm("attn_norm", rg)
@@ -149,13 +153,14 @@ def block_saved(cfg: LlamaConfig, lora: LoRAConfig | None, batch: int, seq: int,
         add("sdpa.probs", batch * H * seq * seq * 4 if qkv_rg else 0)
     elif qkv_rg:  # one fused op: everything is kept as soon as any input needs grad
         # CPU flash reads grouped K/V (enable_gqa, model/llama.py): K and V stay n_kv wide.
-        KVD = cfg.n_kv_heads * cfg.head_dim if backend == "cpu-flash" else HD
-        add("sdpa.qkv", N * (HD + 2 * KVD) * e)
-        add("sdpa.out", N * HD * e)
+        cpu = backend.startswith("cpu-flash")
+        KVD = cfg.n_kv_heads * cfg.head_dim if cpu else HD
+        add("sdpa.qkv", N * (HD + 2 * KVD) * ea)
+        add("sdpa.out", N * HD * ea)
         lse_len = math.ceil(seq / 32) * 32 if backend == "efficient" else seq
         add("sdpa.lse", batch * H * lse_len * 4)
-        if padded and backend == "cpu-flash":
-            add("sdpa.mask", batch * seq * seq * e)
+        if padded and cpu:
+            add("sdpa.mask", batch * seq * seq * ea)
         elif padded and backend == "efficient":
             add("sdpa.mask", batch * seq * math.ceil(seq / 16) * 16 * e)
     lora_in("attn_out", ("o",), HD, qkv_rg)
@@ -176,18 +181,20 @@ def backward_temporaries(cfg: LlamaConfig, batch: int, seq: int, prec: Precision
     dq accumulator; the math path's two T × T grads). An estimate: only a GPU can measure it."""
     N, e, w = batch * seq, prec.compute_bytes, prec.weight_bytes
     HD = cfg.n_heads * cfg.head_dim
-    attn = N * HD * (4 * e + 4)
+    attn = N * HD * (4 * (4 if backend == "cpu-flash-fp32" else e) + 4)
     if backend == "math":
         attn += 2 * batch * cfg.n_heads * seq * seq * e
     return N * (2 * cfg.dim * w + 2 * cfg.dim * 4) + max(4 * N * cfg.hidden_dim * e, attn)
 
 
 def loss_workspace(cfg: LlamaConfig, n_rows: int, batch: int, seq: int, prec: Precision,
-                   chunk: int) -> int:
+                   chunk: int, fp32_gemm: bool = False) -> int:
     """engine/loss.py's forward: hidden states h and the selected rows, plus one chunk's logits
     (compute dtype), its fp32 copy (reused in place for the softmax grad), the grad cast back to
-    the compute dtype, and the chunk's ∂L/∂h."""
+    the compute dtype, and the chunk's ∂L/∂h. fp32_gemm (kernels/cpu_bf16.py): each product
+    also makes an fp32 copy of the head's weight and an fp32 (chunk, V) result."""
     e, w, V = prec.compute_bytes, prec.weight_bytes, cfg.vocab_size
     c = min(chunk, n_rows)
     per_row = V * (e + 4 + e) if e < 4 else V * 4
-    return (batch * seq + n_rows) * cfg.dim * w + c * (per_row + cfg.dim * e)
+    extra = V * cfg.dim * 4 + c * V * 4 if fp32_gemm else 0
+    return (batch * seq + n_rows) * cfg.dim * w + c * (per_row + cfg.dim * e) + extra

@@ -43,7 +43,8 @@ def main(argv=None):
                     help="rows per LM-head chunk in the chunked cross-entropy")
     ap.add_argument("--backend", default="flash", choices=BACKENDS,
                     help="SDPA kernel: flash (CUDA; padded batches use efficient), efficient, "
-                         "cpu-flash, math")
+                         "cpu-flash, cpu-flash-fp32 (bf16 on a CPU without bf16 instructions: "
+                         "fp32 GEMMs and attention), math")
     ap.add_argument("--lora-impl", default="triton", choices=LORA_IMPLS,
                     help="LoRA layer: triton (fused kernel) or torch (cuBLAS + addmm_)")
     ap.add_argument("--unpadded", action="store_true",

@@ -164,7 +164,8 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
          reserve: str | int = GiB, ddp_world: int = 1, quant: str = "none",
          quant_impl: str = "triton", offload: bool = False) -> Plan:
     """The memory of one training step. backend: SDPA kernel ('flash'/'efficient' on CUDA,
-    'cpu-flash' on CPU, 'math' anywhere; CUDA flash takes no mask, so padded -> efficient).
+    'cpu-flash' on CPU, 'cpu-flash-fp32' for bf16 on a CPU without bf16 instructions
+    (kernels/cpu_bf16.py), 'math' anywhere; CUDA flash takes no mask, so padded -> efficient).
     lora_impl: 'triton' (the fused kernel) or 'torch' (cuBLAS + addmm_): what
     kernels.dispatch.lora_path returns for the model's kernel mode, device and micro-batch.
     quant: the base's decoder Linear weights as int8, nf4, nf4-dq, q8_0, q4_0 or q4_1
@@ -245,7 +246,8 @@ def plan(base: str | LlamaConfig, seq_len: int, micro_batch: int,
         "LoRA scalars, autocast copies": sum(consts.values()),
     }
     p.backward_temp = backward_temporaries(cfg, B, T, prec, backend)
-    p.loss_temp = loss_workspace(cfg, n_rows, B, T, prec, loss_chunk)
+    p.loss_temp = loss_workspace(cfg, n_rows, B, T, prec, loss_chunk,
+                                 fp32_gemm=backend == "cpu-flash-fp32")
     return p
 
 
