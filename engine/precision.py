@@ -107,7 +107,7 @@ def emulated_bf16_warning(device: str | torch.device, policy: str | Precision,
     """Why bf16 asked for on a CPU without native bf16 is slower than it need be, or None.
     There torch emulates bf16 GEMMs in software (a cpu-preset run trained at 6 tokens/s on an
     AVX2-only EPYC), so kernels/cpu_bf16.py runs them as fp32 GEMMs of the bf16 operands:
-    145 tokens/s there, 0.77x fp32 in the same run (bench/bench_cpu_bf16.py)."""
+    156 tokens/s there, 0.93x fp32 in the same run (bench/bench_cpu_bf16.py)."""
     if (policy.name if isinstance(policy, Precision) else policy) != "bf16":
         return None  # auto never picks emulated bf16
     if str(device) == "auto":
@@ -120,7 +120,7 @@ def emulated_bf16_warning(device: str | torch.device, policy: str | Precision,
         return None
     return ("this CPU has neither AVX512-BF16 nor AMX-BF16, so bf16 GEMMs run as fp32 GEMMs "
             "of bf16 operands (kernels/cpu_bf16.py): bf16's numbers, but slower than fp32 "
-            "(about 0.8x) and 2-4x slower than a CPU with native bf16; --precision fp32 (or "
+            "(about 0.9x) and 2-4x slower than a CPU with native bf16; --precision fp32 (or "
             "auto, which picks fp32 on this CPU) is faster here")
 
 
