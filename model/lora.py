@@ -146,12 +146,14 @@ class LoRALinear(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and keys) whose product is kernels.cpu_bf16.linear: an fp32
-    GEMM where bf16 would be emulated in software, F.linear everywhere else."""
+    """A bias-free nn.Linear (LLaMA's; same parameter and key) whose product is
+    kernels.cpu_bf16.linear: fp32 GEMMs where bf16 would be emulated in software, F.linear
+    everywhere else."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if self.bias is not None:
-            return linear(x, self.weight) + self.bias
         return linear(x, self.weight)
 
 
@@ -159,7 +161,7 @@ def make_linear(in_features: int, out_features: int, name: str, lora: LoRAConfig
     if lora is not None and name in lora.targets:
         return LoRALinear(in_features, out_features, lora.r, lora.alpha, lora.dropout,
                           lora.kernel)
-    return Linear(in_features, out_features, bias=False)
+    return Linear(in_features, out_features)
 
 
 def set_kernel(model: nn.Module, mode: str):
