@@ -91,6 +91,12 @@ def lora_param_count(cfg: LlamaConfig, lora: LoRAConfig | None) -> tuple[int, in
     return cfg.n_layers * per_layer, cfg.n_layers * 2 * len(lora.targets)
 
 
+def saved_elem_bytes(backend: str, e: int) -> int:
+    """Bytes per element of what attention and the LoRA addmm_ keep for backward: fp32 on
+    cpu-flash-fp32 (kernels/cpu_bf16.py computes them in fp32), else the compute dtype's e."""
+    return 4 if backend == "cpu-flash-fp32" else e
+
+
 def block_saved(cfg: LlamaConfig, lora: LoRAConfig | None, batch: int, seq: int,
                 prec: Precision, backend: str, lora_impl: str, padded: bool,
                 input_requires_grad: bool = True) -> tuple[dict[str, int], bool]:
@@ -99,8 +105,7 @@ def block_saved(cfg: LlamaConfig, lora: LoRAConfig | None, batch: int, seq: int,
     N, e, D, F = batch * seq, prec.compute_bytes, cfg.dim, cfg.hidden_dim
     HD, H = cfg.n_heads * cfg.head_dim, cfg.n_heads
     targets = set(lora.targets) if lora else set()
-    # kernels/cpu_bf16.py: attention saves its fp32 inputs and output, addmm_ fp32 xa and B
-    ea = 4 if backend == "cpu-flash-fp32" else e
+    ea = saved_elem_bytes(backend, e)  # attention's inputs, output, mask; addmm_'s xa and B
     drop = bool(lora and lora.dropout > 0)
     autocast = prec.compute_dtype is not None
     out: dict[str, int] = {}
@@ -181,7 +186,7 @@ def backward_temporaries(cfg: LlamaConfig, batch: int, seq: int, prec: Precision
     dq accumulator; the math path's two T × T grads). An estimate: only a GPU can measure it."""
     N, e, w = batch * seq, prec.compute_bytes, prec.weight_bytes
     HD = cfg.n_heads * cfg.head_dim
-    attn = N * HD * (4 * (4 if backend == "cpu-flash-fp32" else e) + 4)
+    attn = N * HD * (4 * saved_elem_bytes(backend, e) + 4)
     if backend == "math":
         attn += 2 * batch * cfg.n_heads * seq * seq * e
     return N * (2 * cfg.dim * w + 2 * cfg.dim * 4) + max(4 * N * cfg.hidden_dim * e, attn)
