@@ -34,11 +34,12 @@ _FAULT_COUNTS: dict[str, int] = {}
 def fault_point(point: str):
     """Fault injection for tests: TALLREC_KILL_AT=<point>[:<n>] SIGKILLs the process the n-th
     time (default first) it passes <point>; TALLREC_FAIL_AT=<point>[:<n>] raises ENOSPC there
-    instead, as a full disk would. With TALLREC_KILL_RANK=<r>, only torchrun's rank r."""
+    instead, as a full disk would; TALLREC_TERM_AT=<point>[:<n>] sends it SIGTERM, as a
+    user's `kill` would. With TALLREC_KILL_RANK=<r>, only torchrun's rank r."""
     if os.environ.get("TALLREC_KILL_RANK", os.environ.get("RANK", "0")) != \
             os.environ.get("RANK", "0"):
         return
-    for var in ("TALLREC_KILL_AT", "TALLREC_FAIL_AT"):
+    for var in ("TALLREC_KILL_AT", "TALLREC_FAIL_AT", "TALLREC_TERM_AT"):
         want = os.environ.get(var)
         if not want:
             continue
@@ -51,6 +52,9 @@ def fault_point(point: str):
             continue
         if var == "TALLREC_KILL_AT":
             os.kill(os.getpid(), signal.SIGKILL)
+        if var == "TALLREC_TERM_AT":
+            os.kill(os.getpid(), signal.SIGTERM)
+            continue
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)
 
 

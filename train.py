@@ -19,10 +19,13 @@ def main(argv=None) -> int:
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     print(cfg.header())
-    from engine.train import train  # heavy imports after the arguments are known to be fine
+    from engine.train import Stopped, train  # heavy imports once the arguments are fine
 
     try:
         result = train(cfg)
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except (ValueError, OSError, RuntimeError) as e:
         # User and OS errors are one line; a bug (any other exception) keeps its traceback.
         print(f"error: {describe(e)}", file=sys.stderr)

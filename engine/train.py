@@ -9,12 +9,20 @@ K < batch_size leaves fewer micro-batches.
 Everything random is seeded: K-shot sampling and data order (numpy generators from the seed
 and the epoch), LoRA init and dropout (torch's generator, saved in every checkpoint), so a
 resumed run ends with the same adapter as an uninterrupted one.
+
+SIGINT (Ctrl-C) or SIGTERM stops a run cleanly: the step in flight finishes, a checkpoint is
+written, and `Stopped` says how to resume; a second signal stops at once, losing what the last
+checkpoint does not hold. (Under torchrun the signals keep their default action: the ranks
+would have to agree on the step.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -106,6 +114,47 @@ def validate(model, tok, cfg: TrainConfig, val_records, val_examples, policy,
         total, count = dist.sum(total, count)
     val_loss = total / max(count, 1)
     return {"val_loss": val_loss, "metric": -val_loss}
+
+
+# -- stopping on a signal -----------------------------------------------------------------
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on SIGINT/SIGTERM after saving its last step; --resume continues it.
+    A KeyboardInterrupt, so that callers that record failures (the grid) let it through;
+    `exit_code` is the shell's for that signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, sig: signal.Signals):
+        super().__init__(message)
+        self.exit_code = 128 + int(sig)
+
+
+@contextlib.contextmanager
+def stop_on_signal(enabled: bool = True):
+    """-> a dict whose "signal" becomes the signal (signal.Signals) when SIGINT or SIGTERM
+    arrives; the loop reads it after each step. A second signal raises KeyboardInterrupt at once."""
+    asked: dict = {"signal": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    # a signal set to be ignored (a grid worker's SIGINT) stays ignored
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM)
+               if signal.getsignal(s) is not signal.SIG_IGN]
+    before = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum, frame):
+        if asked["signal"] is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped at once")
+        asked["signal"] = signal.Signals(signum)
+        tqdm.write(f"{asked['signal'].name}: stopping after this step, with a checkpoint "
+                   f"(send it again to stop at once)")
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield asked
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 # -- checkpoints --------------------------------------------------------------------------
@@ -227,37 +276,47 @@ def run(cfg: TrainConfig, prep: Prepared, progress: bool, dist: Dist | None = No
     # checkpoint saving excluded), what the grid's ETA divides training tokens by.
     step_seconds, tokens0 = 0.0, state.train_tokens
     done = state.stopped_early or state.step >= total_steps_run
-    while not done:
-        batches = step_batches(len(examples), cfg, state.epoch, lengths)
-        for idx in batches[state.step_in_epoch:]:
-            lr = get_lr(state.step, total_steps, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            t_step = time.perf_counter()
-            loss, n_tok = train_step(model, opt, scaler, [examples[i] for i in idx], tok, cfg,
-                                     device, policy, state.step, dist)
-            step_seconds += time.perf_counter() - t_step
-            state.step += 1
-            state.step_in_epoch += 1
-            state.train_tokens += n_tok
-            tok_s = (state.train_tokens - tokens0) / max(step_seconds, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            if state.step % cfg.log_every == 0:
-                log.write(step=state.step, epoch=state.epoch, loss=loss, lr=lr,
-                          tokens=state.train_tokens, tokens_per_s=tok_s)
-            if state.step % eval_every == 0 or state.step == total_steps_run:
-                done = evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, policy,
-                                              state, out, log, dist, progress)
-            if state.step % save_every == 0 or done or state.step == total_steps_run:
-                save_last(out, model, opt, scaler, state, cfg, dist)
-            fault_point(f"step-{state.step}")
-            if done or state.step >= total_steps_run:
-                done = True
-                break
-        else:
-            state.epoch += 1
-            state.step_in_epoch = 0
+    with stop_on_signal(enabled=not dist.enabled) as asked:
+        while not done:
+            batches = step_batches(len(examples), cfg, state.epoch, lengths)
+            for idx in batches[state.step_in_epoch:]:
+                lr = get_lr(state.step, total_steps, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                t_step = time.perf_counter()
+                loss, n_tok = train_step(model, opt, scaler, [examples[i] for i in idx], tok, cfg,
+                                         device, policy, state.step, dist)
+                step_seconds += time.perf_counter() - t_step
+                state.step += 1
+                state.step_in_epoch += 1
+                state.train_tokens += n_tok
+                tok_s = (state.train_tokens - tokens0) / max(step_seconds, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                if state.step % cfg.log_every == 0:
+                    log.write(step=state.step, epoch=state.epoch, loss=loss, lr=lr,
+                              tokens=state.train_tokens, tokens_per_s=tok_s)
+                if state.step % eval_every == 0 or state.step == total_steps_run:
+                    done = evaluate_and_keep_best(model, tok, cfg, val_rows, val_examples, policy,
+                                                  state, out, log, dist, progress)
+                saved = state.step % save_every == 0 or done or state.step == total_steps_run
+                if saved:
+                    save_last(out, model, opt, scaler, state, cfg, dist)
+                fault_point(f"step-{state.step}")
+                if done or state.step >= total_steps_run:
+                    done = True
+                    break
+                if asked["signal"]:
+                    if not saved:
+                        save_last(out, model, opt, scaler, state, cfg, dist)
+                    bar.close()
+                    raise Stopped(f"stopped by {asked['signal'].name} at step {state.step} of "
+                                  f"{total_steps_run}, checkpoint saved in {out / 'last'}; "
+                                  f"python train.py --out {out} --resume continues it",
+                                  asked["signal"])
+            else:
+                state.epoch += 1
+                state.step_in_epoch = 0
     bar.close()
     result = {"steps": state.step, "epochs_started": state.epoch + 1,
               "best_step": state.best_step, "best_val_metric": state.best_metric,

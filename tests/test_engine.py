@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.config import TrainConfig, config_from_args
-from engine.train import TrainingError, train
+from engine.state import load_trainer_state
+from engine.train import TrainingError, stop_on_signal, train
 from tests.references import pairwise_auc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +148,50 @@ def test_resume_after_sigkill_gives_same_adapter(tmp_path, data_root, kill_at, u
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == list(range(1, 10))  # no step logged twice or lost
+
+
+def test_sigterm_saves_the_step_in_flight_and_resume_gives_same_adapter(tmp_path, data_root,
+                                                                        uninterrupted):
+    full = uninterrupted
+    cut = tiny_cfg(tmp_path / "cut", data_root, save_every=2, eval_every=4, epochs=3)
+    env = {**os.environ, "TALLREC_TERM_AT": "step-5", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *_cli(cut)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "stopped by SIGTERM at step 5 of 9" in proc.stderr and "--resume" in proc.stderr
+    out = Path(cut.out)
+    # step 5 is no save point (save_every 2): the stop itself wrote this checkpoint
+    assert load_trainer_state(out / "last" / "trainer_state.pt")["state"].step == 5
+    assert not (out / "result.json").exists()
+    resumed = tiny_cfg(tmp_path / "cut", data_root, save_every=2, eval_every=4, epochs=3,
+                       resume=True)
+    train(resumed, progress=False)
+    assert_same_adapter(Path(full.out) / "last", out / "last")
+    assert_same_adapter(Path(full.out) / "best", out / "best")
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 10))
+
+
+def test_stop_on_signal_flags_the_first_signal_raises_on_the_second_and_restores():
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signal() as asked:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert asked["signal"] is signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+    # an ignored signal stays ignored (a grid worker's SIGINT); off: nothing is installed
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_on_signal() as asked:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert asked["signal"] is None
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+    with stop_on_signal(enabled=False):
+        assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_non_empty_out_dir_is_not_overwritten(tmp_path, data_root):

@@ -4,6 +4,7 @@ resume after SIGKILL, cache conflicts, failures, aggregation by hand, errors, pl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,31 @@ def test_resume_after_sigkill_matches_uninterrupted(grid_out, data_root, tmp_pat
     assert res["eval-rt-toy-k16-s0-on-toy"]["probs"] == full["probs"]
 
 
+def test_sigterm_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(
+        grid_out, data_root, tmp_path):
+    out_full, _ = grid_out
+    out = tmp_path / "cut"
+    args = ["--preset", "tiny", "--out", str(out), "--data-root", str(data_root),
+            "--variants", "rt", "--shots", "16", "--seeds", "0", "--no-progress"]
+    # step 1 of 2 is no save point (the tiny preset saves at its evaluations, every 100)
+    env = {**os.environ, "TALLREC_TERM_AT": "step-1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "engine.experiments", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "grid stopped: stopped by SIGTERM at step 1 of 2" in proc.stderr
+    run = out / "runs" / "rt-toy-k16-s0"
+    # neither failed nor done: the next invocation resumes it from the stop's checkpoint
+    assert (run / "train" / "last").is_dir() and not (run / "result.json").exists()
+    assert cli_main(args) == 0
+    log = (run / "log.txt").read_text()
+    assert "SIGTERM: stopping after this step" in log
+    assert "resumed from" in log and "at step 1" in log
+    res = results(out)
+    assert res["rt-toy-k16-s0"]["steps"] == 2 and res["rt-toy-k16-s0"]["status"] == "ok"
+    full = results(out_full)["eval-rt-toy-k16-s0-on-toy"]
+    assert res["eval-rt-toy-k16-s0-on-toy"]["probs"] == full["probs"]
+
+
 def test_failed_run_is_recorded_and_the_grid_goes_on(data_root, tmp_path, monkeypatch):
     out = tmp_path / "fail"
     grid = tiny(out, data_root, variants=["rt"], seeds=[0])
@@ -191,6 +217,19 @@ def test_two_workers_give_the_results_of_one(grid_out, data_root, tmp_path):
         a = (out_one / "runs" / name / "train" / "last" / "adapter_model.safetensors")
         b = (out / "runs" / name / "train" / "last" / "adapter_model.safetensors")
         assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_a_stopped_grid_passes_the_stop_on_to_its_workers(data_root, tmp_path, monkeypatch):
+    # w0 (this process) is stopped at once; unless the stop reaches it as SIGTERM, the spawned
+    # worker goes on through the whole grid while run_workers waits for it
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(runner_mod, "work", stopped)
+    out = tmp_path / "stop"
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(tiny(out, data_root, seeds=[0]), progress=False, workers=2, threads=1)
+    assert not list(out.glob("runs/*/result.json"))
 
 
 def test_run_lock_excludes_a_second_worker_and_dies_with_its_owner(tmp_path):

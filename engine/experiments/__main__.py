@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # SIGINT/SIGTERM: a training run saved its step (Stopped)
+        print(f"grid stopped: {e or 'interrupted'}; finished runs are cached and the same "
+              f"command resumes", file=sys.stderr)
+        if not args.summary_only:
+            print(f"summary: {summarize()}")
+        return getattr(e, "exit_code", 130)
     print(f"summary: {summarize()}")
     return 0
 

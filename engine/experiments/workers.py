@@ -5,7 +5,10 @@ processes (one per GPU, or a share of the CPU threads each) take runs from the s
 folder. A run is taken under an exclusive lock on `<run folder>/.lock` (fcntl.flock, which
 the kernel releases when its owner dies, even by SIGKILL): no two workers on one run, and a
 crashed worker's run is free again at once; the next worker finds its checkpoint and resumes
-it. The lock file names its owner (pid, host) for people; the lock itself is the flock.
+it. SIGINT or SIGTERM to the grid's process stops its training run after the step in flight,
+with a checkpoint, and it passes SIGTERM on to the spawned workers, which do the same (they
+ignore SIGINT, so that Ctrl-C, which reaches the whole process group, is one signal to them).
+The lock file names its owner (pid, host) for people; the lock itself is the flock.
 Workers on several machines can share one cache over a file system with working flock
 (local disks, NFS v4 with lockd); see the README.
 """
@@ -17,6 +20,7 @@ import fcntl
 import json
 import multiprocessing as mp
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -92,11 +96,16 @@ def _worker(grid, index: int, where: dict, seconds: dict, since: float):
         os.environ["CUDA_VISIBLE_DEVICES"] = str(where["gpu"])
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent passes stops on as SIGTERM
     torch.set_num_threads(where["threads"])
     from engine.experiments.grid import plan_runs
     from engine.experiments.runner import work
 
-    work(grid, plan_runs(grid), seconds, progress=False, since=since, tag=f"w{index} ")
+    try:
+        work(grid, plan_runs(grid), seconds, progress=False, since=since, tag=f"w{index} ")
+    except KeyboardInterrupt as e:  # its run saved its step (engine.train.Stopped)
+        print(f"w{index} {e or 'interrupted'}", flush=True)
+        raise SystemExit(getattr(e, "exit_code", 130)) from None
 
 
 def run_workers(grid, n: int, seconds: dict, since: float, threads: int | None = None,
@@ -122,6 +131,11 @@ def run_workers(grid, n: int, seconds: dict, since: float, threads: int | None =
         with torch_threads(plan[0]["threads"]):
             work(grid, plan_runs(grid), seconds, progress=False, since=since, tag="w0 ",
                  on_result=on_result)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the worker's run saves its step and it exits
+        raise
     finally:
         for p in procs:
             p.join()
