@@ -128,18 +128,20 @@ def uninterrupted(tmp_path_factory, data_root) -> TrainConfig:
     return full
 
 
-@pytest.mark.parametrize("kill_at", ["step-5", "swap-last:2"])
-def test_resume_after_sigkill_gives_same_adapter(tmp_path, data_root, kill_at, uninterrupted):
-    full = uninterrupted
+def cut_run(tmp_path, data_root, fault: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """train.py on the uninterrupted run's settings, stopped by a fault point
+    (TALLREC_KILL_AT=... or TALLREC_TERM_AT=...: fileio.fault_point)."""
     cut = tiny_cfg(tmp_path / "cut", data_root, save_every=2, eval_every=4, epochs=3)
     assert config_from_args(_cli(cut)) == cut
-    env = {**os.environ, "TALLREC_KILL_AT": kill_at, "OMP_NUM_THREADS": "1"}
+    var, _, point = fault.partition("=")
+    env = {**os.environ, var: point, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *_cli(cut)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]  # really SIGKILLed
-    out = Path(cut.out)
-    if kill_at.startswith("swap"):  # died between renames: only the previous folder is left
-        assert not (out / "last").exists() and (out / ".last.old").is_dir()
+    return proc, Path(cut.out)
+
+
+def resume_and_compare(tmp_path, data_root, full: TrainConfig, out: Path):
+    """--resume the cut run: the same adapters as the uninterrupted run, every step once."""
     resumed = tiny_cfg(tmp_path / "cut", data_root, save_every=2, eval_every=4, epochs=3,
                        resume=True)
     train(resumed, progress=False)
@@ -150,27 +152,24 @@ def test_resume_after_sigkill_gives_same_adapter(tmp_path, data_root, kill_at, u
     assert steps == list(range(1, 10))  # no step logged twice or lost
 
 
+@pytest.mark.parametrize("kill_at", ["step-5", "swap-last:2"])
+def test_resume_after_sigkill_gives_same_adapter(tmp_path, data_root, kill_at, uninterrupted):
+    proc, out = cut_run(tmp_path, data_root, f"TALLREC_KILL_AT={kill_at}")
+    assert proc.returncode == -9, proc.stderr[-2000:]  # really SIGKILLed
+    if kill_at.startswith("swap"):  # died between renames: only the previous folder is left
+        assert not (out / "last").exists() and (out / ".last.old").is_dir()
+    resume_and_compare(tmp_path, data_root, uninterrupted, out)
+
+
 def test_sigterm_saves_the_step_in_flight_and_resume_gives_same_adapter(tmp_path, data_root,
                                                                         uninterrupted):
-    full = uninterrupted
-    cut = tiny_cfg(tmp_path / "cut", data_root, save_every=2, eval_every=4, epochs=3)
-    env = {**os.environ, "TALLREC_TERM_AT": "step-5", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *_cli(cut)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc, out = cut_run(tmp_path, data_root, "TALLREC_TERM_AT=step-5")
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
     assert "stopped by SIGTERM at step 5 of 9" in proc.stderr and "--resume" in proc.stderr
-    out = Path(cut.out)
     # step 5 is no save point (save_every 2): the stop itself wrote this checkpoint
     assert load_trainer_state(out / "last" / "trainer_state.pt")["state"].step == 5
     assert not (out / "result.json").exists()
-    resumed = tiny_cfg(tmp_path / "cut", data_root, save_every=2, eval_every=4, epochs=3,
-                       resume=True)
-    train(resumed, progress=False)
-    assert_same_adapter(Path(full.out) / "last", out / "last")
-    assert_same_adapter(Path(full.out) / "best", out / "best")
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
-    assert steps == list(range(1, 10))
+    resume_and_compare(tmp_path, data_root, uninterrupted, out)
 
 
 def test_stop_on_signal_flags_the_first_signal_raises_on_the_second_and_restores():
