@@ -18,13 +18,12 @@ would have to agree on the step.)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +127,7 @@ class Stopped(KeyboardInterrupt):
         self.exit_code = 128 + int(sig)
 
 
-@contextlib.contextmanager
+@contextmanager
 def stop_on_signal(enabled: bool = True):
     """-> a dict whose "signal" becomes the signal (signal.Signals) when SIGINT or SIGTERM
     arrives; the loop reads it after each step. A second signal raises KeyboardInterrupt at once."""
